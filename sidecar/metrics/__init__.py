@@ -1,0 +1,1 @@
+"""Host, process and application metrics and their exposition."""
