@@ -1,0 +1,1 @@
+"""The Alertmanager webhook receiver, the durable outbox, routing and the dispatcher."""

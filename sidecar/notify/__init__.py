@@ -1,0 +1,1 @@
+"""Notifiers: where a routed notification is finally delivered (log, Discord, email)."""
