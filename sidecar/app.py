@@ -123,7 +123,7 @@ class Sidecar:
             for link in self.links
         )
         page = (
-            "<!doctype html><html><head><meta charset=\"utf-8\"><title>sidecar</title></head>"
+            '<!doctype html><html><head><meta charset="utf-8"><title>sidecar</title></head>'
             f"<body><h1>sidecar {html.escape(__version__)}</h1><ul>\n{items}\n</ul></body></html>"
         )
         return HTMLResponse(page)

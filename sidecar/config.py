@@ -137,7 +137,9 @@ def load_config(
     try:
         data = yaml.safe_load(raw)
     except yaml.YAMLError as error:
-        raise ConfigError([Problem("", f"{path} is not valid YAML: {_yaml_reason(error)}")]) from None
+        raise ConfigError(
+            [Problem("", f"{path} is not valid YAML: {_yaml_reason(error)}")]
+        ) from None
     if overrides and data is not None and not isinstance(data, dict):
         return parse_config(data, environ=environ, base_dir=path.parent)
     return parse_config(_merge(data or {}, overrides), environ=environ, base_dir=path.parent)

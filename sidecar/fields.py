@@ -39,14 +39,17 @@ def parse_duration(value: object) -> float:
         if value == 0:
             return 0.0
         raise PydanticCustomError(
-            "duration", "must be a duration with a unit, such as 15s, 5m or 1h30m (got {value})",
+            "duration",
+            "must be a duration with a unit, such as 15s, 5m or 1h30m (got {value})",
             {"value": value},
         )
     if not isinstance(value, str):
         raise PydanticCustomError("duration", "must be a duration such as 15s, 5m or 1h30m")
     text = value.strip()
     if text.startswith("-"):
-        raise PydanticCustomError("duration", "must not be negative (got {value})", {"value": value})
+        raise PydanticCustomError(
+            "duration", "must not be negative (got {value})", {"value": value}
+        )
     if text == "0":
         return 0.0
     position = 0
@@ -58,7 +61,8 @@ def parse_duration(value: object) -> float:
         position = match.end()
     if position != len(text) or not text:
         raise PydanticCustomError(
-            "duration", "must be a duration such as 15s, 5m or 1h30m (got {value!r})",
+            "duration",
+            "must be a duration such as 15s, 5m or 1h30m (got {value!r})",
             {"value": value},
         )
     return seconds
@@ -194,7 +198,8 @@ def _resolve_secret(value: object, info: ValidationInfo) -> Secret:
         except (OSError, UnicodeDecodeError) as error:
             reason = getattr(error, "strerror", None) or str(error)
             raise PydanticCustomError(
-                "secret", "cannot read secret file {path}: {reason}",
+                "secret",
+                "cannot read secret file {path}: {reason}",
                 {"path": str(path), "reason": reason},
             ) from None
         # Files written by editors and Kubernetes Secrets often end with one newline.

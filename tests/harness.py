@@ -60,7 +60,9 @@ def wait_until(
             if result:
                 return result
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}: {last_error}")
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what or condition}: {last_error}"
+    )
 
 
 def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> int:
@@ -117,9 +119,7 @@ class SidecarProcess:
                 stderr=subprocess.STDOUT,
                 env=sidecar_env(self.env),
             )
-        wait_until(
-            lambda: self._answers(wait_path), timeout=20, what=f"sidecar on {self.url}"
-        )
+        wait_until(lambda: self._answers(wait_path), timeout=20, what=f"sidecar on {self.url}")
         return self
 
     def _answers(self, path: str) -> bool:
@@ -237,11 +237,16 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 self.binary,
-                "--bind", "127.0.0.1",
-                "--port", str(self.port),
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.workdir),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -79,9 +79,7 @@ class ProcessTarget(Section):
     @model_validator(mode="after")
     def _one_selector(self) -> Self:
         chosen = [
-            key
-            for key in ("pid_file", "process_name", "cmdline")
-            if getattr(self, key) is not None
+            key for key in ("pid_file", "process_name", "cmdline") if getattr(self, key) is not None
         ]
         if len(chosen) != 1:
             raise ValueError("set exactly one of pid_file, process_name and cmdline")

@@ -26,6 +26,9 @@ from sidecar import __version__
 TextSource = Callable[[bool], bytes]
 """Renders extra exposition text; the argument tells whether OpenMetrics is wanted."""
 
+FamilySource = Callable[[], Iterable[Metric]]
+"""The same data as a text source, as metric families, for consumers other than /metrics."""
+
 _EOF = b"# EOF\n"
 # Scrapes are small and frequent: the cheapest level already shrinks text about 8 times.
 _GZIP_LEVEL = 1
@@ -55,6 +58,7 @@ class Exposition:
         disable_created_metrics()
         self.registry = registry
         self._text_sources: list[TextSource] = []
+        self._family_sources: list[FamilySource] = []
         # One render at a time: concurrent scrapes wait instead of multiplying the work.
         self._render_lock = threading.Lock()
         registry.register(BuildInfoCollector())
@@ -65,9 +69,20 @@ class Exposition:
             registry=registry,
         )
 
-    def add_text_source(self, source: TextSource) -> None:
-        """Append text rendered outside prometheus_client (the application metric store)."""
+    def add_text_source(self, source: TextSource, families: FamilySource) -> None:
+        """Append text rendered outside prometheus_client (the application metric store).
+
+        ``families`` yields the same series as metric families, so that exporters other than
+        ``/metrics`` (OTLP push) see exactly what Prometheus sees.
+        """
         self._text_sources.append(source)
+        self._family_sources.append(families)
+
+    def families(self) -> Iterable[Metric]:
+        """Every metric family ``/metrics`` shows: the registry's, then the text sources'."""
+        yield from self.registry.collect()
+        for source in self._family_sources:
+            yield from source()
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """Return the exposition body and its content type for an ``Accept`` header."""
@@ -84,9 +99,7 @@ class Exposition:
 
     async def endpoint(self, request: Request) -> Response:
         """The Starlette endpoint for ``GET /metrics``."""
-        body, content_type = await asyncio.to_thread(
-            self.render, request.headers.get("accept", "")
-        )
+        body, content_type = await asyncio.to_thread(self.render, request.headers.get("accept", ""))
         headers = {"Vary": "Accept, Accept-Encoding"}
         if _accepts_gzip(request.headers.get("accept-encoding", "")):
             body = gzip.compress(body, compresslevel=_GZIP_LEVEL)

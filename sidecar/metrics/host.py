@@ -69,8 +69,7 @@ def collect_memory() -> Iterable[Metric]:
         (
             "memory_available_bytes",
             memory.available,
-            "Memory available to start new work without swapping "
-            "(node_memory_MemAvailable_bytes).",
+            "Memory available to start new work without swapping (node_memory_MemAvailable_bytes).",
         ),
         ("memory_free_bytes", memory.free, "Unused memory (node_memory_MemFree_bytes)."),
         (
@@ -195,20 +194,32 @@ class FilesystemSource:
 
 def collect_disks(config: HostMetricsConfig) -> Iterable[Metric]:
     counters = {
-        "reads_completed": ("read_count", 1.0, "Reads completed (node_disk_reads_completed_total)."),
+        "reads_completed": (
+            "read_count",
+            1.0,
+            "Reads completed (node_disk_reads_completed_total).",
+        ),
         "writes_completed": (
-            "write_count", 1.0, "Writes completed (node_disk_writes_completed_total).",
+            "write_count",
+            1.0,
+            "Writes completed (node_disk_writes_completed_total).",
         ),
         "read_bytes": ("read_bytes", 1.0, "Bytes read (node_disk_read_bytes_total)."),
         "written_bytes": ("write_bytes", 1.0, "Bytes written (node_disk_written_bytes_total)."),
         "read_time_seconds": (
-            "read_time", 0.001, "Seconds spent reading (node_disk_read_time_seconds_total).",
+            "read_time",
+            0.001,
+            "Seconds spent reading (node_disk_read_time_seconds_total).",
         ),
         "write_time_seconds": (
-            "write_time", 0.001, "Seconds spent writing (node_disk_write_time_seconds_total).",
+            "write_time",
+            0.001,
+            "Seconds spent writing (node_disk_write_time_seconds_total).",
         ),
         "io_time_seconds": (
-            "busy_time", 0.001, "Seconds spent doing I/O (node_disk_io_time_seconds_total).",
+            "busy_time",
+            0.001,
+            "Seconds spent doing I/O (node_disk_io_time_seconds_total).",
         ),
     }
     families = {
@@ -230,16 +241,19 @@ def collect_network(config: HostMetricsConfig) -> Iterable[Metric]:
         "receive_bytes": ("bytes_recv", "Bytes received (node_network_receive_bytes_total)."),
         "transmit_bytes": ("bytes_sent", "Bytes sent (node_network_transmit_bytes_total)."),
         "receive_packets": (
-            "packets_recv", "Packets received (node_network_receive_packets_total).",
+            "packets_recv",
+            "Packets received (node_network_receive_packets_total).",
         ),
         "transmit_packets": (
-            "packets_sent", "Packets sent (node_network_transmit_packets_total).",
+            "packets_sent",
+            "Packets sent (node_network_transmit_packets_total).",
         ),
         "receive_errs": ("errin", "Receive errors (node_network_receive_errs_total)."),
         "transmit_errs": ("errout", "Transmit errors (node_network_transmit_errs_total)."),
         "receive_drop": ("dropin", "Received packets dropped (node_network_receive_drop_total)."),
         "transmit_drop": (
-            "dropout", "Outgoing packets dropped (node_network_transmit_drop_total).",
+            "dropout",
+            "Outgoing packets dropped (node_network_transmit_drop_total).",
         ),
     }
     families = {

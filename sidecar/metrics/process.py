@@ -145,7 +145,9 @@ class ProcessSource:
             return CounterMetricFamily(_PREFIX + name, text, labels=list(labels))
 
         instances = gauge("instances", "Number of running processes the target matches.")
-        cpu = counter("cpu_seconds", "CPU seconds used, by mode (user, system).", ("target", "mode"))
+        cpu = counter(
+            "cpu_seconds", "CPU seconds used, by mode (user, system).", ("target", "mode")
+        )
         resident = gauge("resident_memory_bytes", "Resident memory size.")
         virtual = gauge("virtual_memory_bytes", "Virtual memory size.")
         threads = gauge("threads", "Operating-system threads.")
@@ -175,5 +177,14 @@ class ProcessSource:
                 read.add_metric([name], total.read_bytes)
                 written.add_metric([name], total.written_bytes)
         return [
-            instances, cpu, resident, virtual, threads, started, open_fds, max_fds, read, written
+            instances,
+            cpu,
+            resident,
+            virtual,
+            threads,
+            started,
+            open_fds,
+            max_fds,
+            read,
+            written,
         ]

@@ -44,7 +44,9 @@ class SourceCollector(Collector):
             try:
                 families = list(source())
             except Exception:
-                logger.exception("collector %s failed; its metrics are missing from this scrape", name)
+                logger.exception(
+                    "collector %s failed; its metrics are missing from this scrape", name
+                )
                 with self._lock:
                     self._errors[name] += 1
                 families = []

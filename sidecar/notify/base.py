@@ -14,10 +14,25 @@ own beyond waiting out a rate limit they were told about in the same attempt.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Annotated, Protocol
+
+from pydantic import Field
 
 from sidecar.alerts.payload import Notification
 from sidecar.errors import SidecarError
+from sidecar.fields import Section
+
+DESTINATION_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class DestinationConfig(Section):
+    """Fields every destination has; each kind subclasses it with ``kind: Literal[...]``."""
+
+    name: Annotated[str, Field(pattern=DESTINATION_NAME)]
+    """Unique name of the destination, used in metrics (`destination` label) and logs."""
+
+    send_resolved: bool = True
+    """Deliver resolved notifications too, not only firing ones."""
 
 
 class DeliveryError(SidecarError):
