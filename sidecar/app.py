@@ -28,6 +28,7 @@ from sidecar.metrics.exposition import Exposition
 from sidecar.metrics.host import FilesystemSource, host_sources
 from sidecar.metrics.process import ProcessSource
 from sidecar.metrics.sources import Source, SourceCollector
+from sidecar.telemetry import build_telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,12 @@ class Sidecar:
 
     def __post_init__(self) -> None:
         self.exposition = Exposition(self.registry)
+        # First: the alert pipeline takes its tracer from here, and export components stop
+        # last, after the parts whose final spans they flush.
+        self.telemetry = build_telemetry(
+            self.config.telemetry, self.exposition.families, self.registry
+        )
+        self.components.extend(self.telemetry.components)
         self._build_metrics()
         self._app: Starlette | None = None
 

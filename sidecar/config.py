@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from sidecar.errors import ConfigError
 from sidecar.fields import Duration, ListenAddress, Secret, Section
 from sidecar.metrics.config import MetricsConfig
+from sidecar.telemetry.config import TelemetryConfig
 
 CONFIG_ENV = "SIDECAR_CONFIG"
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
@@ -54,6 +55,10 @@ class Config(Section):
 
     metrics: MetricsConfig = MetricsConfig()
     """Host and process metrics."""
+
+    # Validated even when absent from the file: the OTEL_* environment variables fill it.
+    telemetry: TelemetryConfig = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
+    """OpenTelemetry push of metrics and alert-pipeline traces over OTLP/HTTP."""
 
 
 @dataclass(frozen=True)

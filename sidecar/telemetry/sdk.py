@@ -1,0 +1,91 @@
+"""Builds the OpenTelemetry SDK objects from the ``telemetry`` section.
+
+Imported only when export is configured: it pulls in the SDK, protobuf and requests. Every
+argument is passed explicitly, so the SDK's own reading of ``OTEL_*`` variables never decides
+anything that the configuration (file over environment) already decided.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import TYPE_CHECKING
+
+from sidecar import __version__
+from sidecar.telemetry.config import TelemetryConfig
+
+if TYPE_CHECKING:
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace.sampling import Sampler
+
+SCOPE_NAME = "sidecar"
+
+
+def build_resource(config: TelemetryConfig) -> Resource:
+    """The resource of every export: configured attributes plus the SDK's own description."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.version import __version__ as sdk_version
+
+    attributes: dict[str, str] = {
+        "telemetry.sdk.name": "opentelemetry",
+        "telemetry.sdk.language": "python",
+        "telemetry.sdk.version": sdk_version,
+        "service.version": __version__,
+        "process.runtime.name": platform.python_implementation().lower(),
+        "process.runtime.version": platform.python_version(),
+    }
+    attributes.update(config.resource_attributes())
+    # Resource(...) rather than Resource.create(...): create() would read OTEL_RESOURCE_ATTRIBUTES
+    # and run detectors named by the environment behind the configuration's back.
+    return Resource(attributes)
+
+
+def signal_url(config: TelemetryConfig, signal: str) -> str:
+    """``<endpoint>/v1/<signal>``, as the OTLP/HTTP specification builds it from a base URL."""
+    assert config.endpoint is not None
+    return f"{config.endpoint}/v1/{signal}"
+
+
+def _common_arguments(config: TelemetryConfig) -> dict[str, object]:
+    import requests
+    from opentelemetry.exporter.otlp.proto.http import Compression
+
+    return {
+        "headers": {name: value.reveal() for name, value in config.headers.items()},
+        "timeout": config.timeout,
+        "compression": Compression.Gzip
+        if config.compression == "gzip"
+        else Compression.NoCompression,
+        # One session per exporter keeps the connection to the collector open between exports.
+        "session": requests.Session(),
+    }
+
+
+def build_metric_exporter(config: TelemetryConfig) -> OTLPMetricExporter:
+    """The OTLP/HTTP metric exporter; it retries 429/502/503/504 within ``config.timeout``."""
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+    return OTLPMetricExporter(endpoint=signal_url(config, "metrics"), **_common_arguments(config))  # type: ignore[arg-type]
+
+
+def build_span_exporter(config: TelemetryConfig) -> OTLPSpanExporter:
+    """The OTLP/HTTP span exporter, with the same retry rules as metrics."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter(endpoint=signal_url(config, "traces"), **_common_arguments(config))  # type: ignore[arg-type]
+
+
+def build_sampler(config: TelemetryConfig) -> Sampler:
+    """The sampler the ``traces.sampler`` and ``traces.ratio`` keys name."""
+    from opentelemetry.sdk.trace import sampling
+
+    ratio = config.traces.ratio
+    return {
+        "always_on": lambda: sampling.ALWAYS_ON,
+        "always_off": lambda: sampling.ALWAYS_OFF,
+        "traceidratio": lambda: sampling.TraceIdRatioBased(ratio),
+        "parentbased_always_on": lambda: sampling.ParentBased(sampling.ALWAYS_ON),
+        "parentbased_always_off": lambda: sampling.ParentBased(sampling.ALWAYS_OFF),
+        "parentbased_traceidratio": lambda: sampling.ParentBased(sampling.TraceIdRatioBased(ratio)),
+    }[config.traces.sampler]()
