@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics import MeterProvider, ObservableCounter
+from opentelemetry.sdk.metrics import MeterProvider, ObservableCounter, ObservableGauge
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     Histogram,
@@ -60,6 +60,10 @@ logger = logging.getLogger(__name__)
 
 # The instrument name syntax of the OpenTelemetry metrics API; Prometheus also allows ':'.
 _INSTRUMENT_NAME = re.compile(r"^[A-Za-z][-_./A-Za-z0-9]{0,254}$")
+# The SDK folds attribute sets beyond 2,000 per instrument into one overflow point. /metrics
+# shows every series, and the parts that create series cap them upstream (the application
+# store's series limit), so the export must not apply a second, different cap.
+_NO_CARDINALITY_LIMIT = 2**31 - 1
 
 
 class MetricsPush:
@@ -79,7 +83,8 @@ class MetricsPush:
         self._config = config
         self._families = families
         self._stats = stats
-        self._exporter = exporter or sdk.build_metric_exporter(config)
+        self._session = sdk.ExportSession()
+        self._exporter = exporter or sdk.build_metric_exporter(config, self._session)
         self._delta = config.metrics.temporality == "delta"
         temporality = {
             ObservableCounter: AggregationTemporality.DELTA
@@ -166,11 +171,11 @@ class MetricsPush:
             logger.info("metrics export to %s works again", self.url)
         elif not succeeded:
             logger.warning(
-                "metrics export to %s failed after %.1fs (cause in the exporter's message "
-                "above); the data of this interval is dropped and the next export in %s "
-                "carries the totals",
+                "metrics export to %s failed after %.1fs: %s; the data of this interval is "
+                "dropped and the next export in %s carries the totals",
                 self.url,
                 elapsed,
+                self._session.last_outcome,
                 format_duration(self._config.metrics.interval),
             )
         self._failing = not succeeded
@@ -282,7 +287,13 @@ class SnapshotReader(MetricReader):
     """A pull reader: ``take()`` runs the observable callbacks and returns the collection."""
 
     def __init__(self, temporality: dict[type, Any]) -> None:
-        super().__init__(preferred_temporality=temporality)
+        super().__init__(
+            preferred_temporality=temporality,
+            cardinality_limits={
+                ObservableCounter: _NO_CARDINALITY_LIMIT,
+                ObservableGauge: _NO_CARDINALITY_LIMIT,
+            },
+        )
         self._received: MetricsData | None = None
 
     def take(self) -> MetricsData | None:

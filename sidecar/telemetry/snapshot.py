@@ -71,6 +71,18 @@ class Snapshot:
         )
 
 
+# Prometheus base units, as name suffixes, and their UCUM codes that OTLP units use.
+_UNITS = {"seconds": "s", "bytes": "By", "ratio": "1"}
+
+
+def unit_of(family: Metric) -> str:
+    """The UCUM unit of a family: its declared unit, else its name's base-unit suffix."""
+    if family.unit:
+        return _UNITS.get(family.unit, family.unit)
+    suffix = family.name.rsplit("_", 1)[-1]
+    return _UNITS.get(suffix, "")
+
+
 def take_snapshot(families: Iterable[Metric]) -> Snapshot:
     """Read ``families`` once and sort their samples into sums, gauges and histograms."""
     snapshot = Snapshot()
@@ -97,7 +109,7 @@ def _number(snapshot: Snapshot, kind: str, name: str, family: Metric) -> NumberS
     key = (kind, name)
     series = snapshot.numbers.get(key)
     if series is None:
-        series = NumberSeries(kind, name, family.documentation, family.unit)
+        series = NumberSeries(kind, name, family.documentation, unit_of(family))
         snapshot.numbers[key] = series
     return series
 
@@ -123,7 +135,7 @@ def _add_summary(snapshot: Snapshot, family: Metric) -> None:
 
 
 def _histogram(family: Metric) -> HistogramFamily:
-    histogram = HistogramFamily(family.name, family.documentation, family.unit)
+    histogram = HistogramFamily(family.name, family.documentation, unit_of(family))
     # Samples of one series are adjacent in prometheus_client's output, but grouping by the
     # label set does not rely on it.
     buckets: dict[tuple[tuple[str, str], ...], list[tuple[float, float]]] = {}

@@ -30,8 +30,11 @@ SCHEDULE_DELAY_MILLIS = 2000
 class CountingSpanExporter(SpanExporter):
     """Delegates to another span exporter and counts each export's result and duration."""
 
-    def __init__(self, exporter: SpanExporter, stats: ExportStats, url: str) -> None:
+    def __init__(
+        self, exporter: SpanExporter, stats: ExportStats, url: str, session: sdk.ExportSession
+    ) -> None:
         self._exporter = exporter
+        self._session = session
         self._stats = stats
         self._url = url
         self._failing = False
@@ -43,9 +46,9 @@ class CountingSpanExporter(SpanExporter):
         self._stats.record("traces", succeeded, time.perf_counter() - started)
         if not succeeded:
             logger.warning(
-                "trace export to %s failed (cause in the exporter's message above); "
-                "%d spans dropped",
+                "trace export to %s failed: %s; %d spans dropped",
                 self._url,
+                self._session.last_outcome,
                 len(spans),
             )
         elif self._failing:
@@ -68,8 +71,9 @@ class TracePush:
     ) -> None:
         self.url = sdk.signal_url(config, "traces")
         self._timeout = config.timeout
+        session = sdk.ExportSession()
         exporter = CountingSpanExporter(
-            exporter or sdk.build_span_exporter(config), stats, self.url
+            exporter or sdk.build_span_exporter(config, session), stats, self.url, session
         )
         self.provider = TracerProvider(
             resource=sdk.build_resource(config),
