@@ -322,9 +322,8 @@ async def test_the_loop_keeps_exporting_after_failures(
 
 
 async def _poll(condition: Any) -> None:
-    async with asyncio.timeout(15):
-        while not condition():
-            await asyncio.sleep(0.05)
+    # The export loop runs on this event loop: poll from a thread so that it keeps running.
+    await asyncio.to_thread(wait_until, condition)
 
 
 def test_a_sidecar_process_exports_with_environment_configuration(
