@@ -57,7 +57,7 @@ class Config(Section):
     """Host and process metrics."""
 
     # Validated even when absent from the file: the OTEL_* environment variables fill it.
-    telemetry: TelemetryConfig = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
+    telemetry: TelemetryConfig = Field(default_factory=dict, validate_default=True)
     """OpenTelemetry push of metrics and alert-pipeline traces over OTLP/HTTP."""
 
 

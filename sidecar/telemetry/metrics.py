@@ -86,7 +86,7 @@ class MetricsPush:
         self._session = sdk.ExportSession()
         self._exporter = exporter or sdk.build_metric_exporter(config, self._session)
         self._delta = config.metrics.temporality == "delta"
-        temporality = {
+        temporality: dict[type, AggregationTemporality] = {
             ObservableCounter: AggregationTemporality.DELTA
             if self._delta
             else AggregationTemporality.CUMULATIVE

@@ -62,7 +62,7 @@ class ExportSession(requests.Session):
         super().__init__()
         self.last_outcome = "no request was sent"
 
-    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         try:
             response = super().request(method, url, *args, **kwargs)
         except requests.Timeout:
@@ -107,12 +107,12 @@ def build_span_exporter(config: TelemetryConfig, session: ExportSession) -> OTLP
 
 def build_sampler(config: TelemetryConfig) -> Sampler:
     """The sampler the ``traces.sampler`` and ``traces.ratio`` keys name."""
-    ratio = config.traces.ratio
-    return {
-        "always_on": lambda: sampling.ALWAYS_ON,
-        "always_off": lambda: sampling.ALWAYS_OFF,
-        "traceidratio": lambda: sampling.TraceIdRatioBased(ratio),
-        "parentbased_always_on": lambda: sampling.ParentBased(sampling.ALWAYS_ON),
-        "parentbased_always_off": lambda: sampling.ParentBased(sampling.ALWAYS_OFF),
-        "parentbased_traceidratio": lambda: sampling.ParentBased(sampling.TraceIdRatioBased(ratio)),
-    }[config.traces.sampler]()
+    name = config.traces.sampler
+    root: Sampler
+    if name.endswith("always_on"):
+        root = sampling.ALWAYS_ON
+    elif name.endswith("always_off"):
+        root = sampling.ALWAYS_OFF
+    else:
+        root = sampling.TraceIdRatioBased(config.traces.ratio)
+    return sampling.ParentBased(root) if name.startswith("parentbased_") else root
