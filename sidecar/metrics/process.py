@@ -61,8 +61,10 @@ class _Totals:
         if io is not None:
             self.read_bytes = (self.read_bytes or 0) + io.read_bytes
             self.written_bytes = (self.written_bytes or 0) + io.write_bytes
-        if open_fds is not None and limit and (
-            self.fds is None or open_fds / limit > self.fds[0] / self.fds[1]
+        if (
+            open_fds is not None
+            and limit
+            and (self.fds is None or open_fds / limit > self.fds[0] / self.fds[1])
         ):
             self.fds = (open_fds, limit)
 
