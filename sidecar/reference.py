@@ -50,7 +50,7 @@ def splice_reference(document: str, reference: str) -> str:
 
 
 def leaf_paths(model: type[BaseModel] | None = None) -> list[str]:
-    """Every key path the reference lists (``server.listen``, ``metrics.process.targets[].name``)."""
+    """Every key path the reference lists, such as ``metrics.process.targets[].name``."""
     reference = render_reference(model)
     return re.findall(r"^\| `([^`]+)` \|", reference, flags=re.MULTILINE)
 
@@ -140,10 +140,8 @@ def _type_name(annotation: Any) -> str:
 def _default(field: FieldInfo) -> str:
     if field.is_required():
         return "required"
-    if field.default_factory is not None:
-        value = field.default_factory()  # type: ignore[call-arg]
-    else:
-        value = field.default
+    factory = field.default_factory
+    value = factory() if factory is not None else field.default  # type: ignore[call-arg]
     if value is PydanticUndefined or value is None:
         return ""
     if isinstance(value, bool):

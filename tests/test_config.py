@@ -186,7 +186,7 @@ def test_command_line_overrides_win_and_are_validated(tmp_path: Path) -> None:
     config = load_config(path, overrides={"server": {"listen": "127.0.0.1:4321"}})
 
     assert (config.server.listen, config.server.log_level) == ("127.0.0.1:4321", "debug")
-    with pytest.raises(ConfigError, match="server.listen"):
+    with pytest.raises(ConfigError, match=r"server\.listen"):
         load_config(path, overrides={"server": {"listen": "bad"}})
 
 

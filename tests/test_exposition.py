@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import subprocess
 from collections.abc import AsyncIterator
@@ -88,8 +89,8 @@ async def test_promtool_finds_nothing(client: httpx.AsyncClient) -> None:
     promtool = require_tool("promtool")
     body = (await client.get("/metrics")).content
 
-    result = subprocess.run(
-        [promtool, "check", "metrics"], input=body, capture_output=True, timeout=30
+    result = await asyncio.to_thread(
+        subprocess.run, [promtool, "check", "metrics"], input=body, capture_output=True, timeout=30
     )
 
     assert (result.returncode, result.stdout + result.stderr) == (0, b"")
@@ -98,8 +99,11 @@ async def test_promtool_finds_nothing(client: httpx.AsyncClient) -> None:
 async def test_gzip_body_is_valid() -> None:
     sidecar = Sidecar(parse_config({}))
     transport = httpx.ASGITransport(app=sidecar.app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://s") as raw:
-        async with raw.stream("GET", "/metrics", headers={"Accept-Encoding": "gzip"}) as response:
-            compressed = b"".join([chunk async for chunk in response.aiter_raw()])
+    headers = {"Accept-Encoding": "gzip"}
+    async with (
+        httpx.AsyncClient(transport=transport, base_url="http://s") as raw,
+        raw.stream("GET", "/metrics", headers=headers) as response,
+    ):
+        compressed = b"".join([chunk async for chunk in response.aiter_raw()])
 
     assert gzip.decompress(compressed).startswith(b"# HELP")
