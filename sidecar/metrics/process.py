@@ -144,7 +144,9 @@ class ProcessSource:
         def gauge(name: str, text: str) -> GaugeMetricFamily:
             return GaugeMetricFamily(_PREFIX + name, text, labels=["target"])
 
-        def counter(name: str, text: str, labels: tuple[str, ...] = ("target",)) -> Metric:
+        def counter(
+            name: str, text: str, labels: tuple[str, ...] = ("target",)
+        ) -> CounterMetricFamily:
             return CounterMetricFamily(_PREFIX + name, text, labels=list(labels))
 
         instances = gauge("instances", "Number of running processes the target matches.")
