@@ -78,6 +78,12 @@ def count_series(sidecar: Sidecar) -> int:
 
 def rss() -> int:
     gc.collect()
+    # The export returns freed heap pages to the system after each run (glibc malloc_trim);
+    # do the same before every reading so that the baseline is measured the same way.
+    from sidecar.telemetry.metrics import _malloc_trim
+
+    if _malloc_trim is not None:
+        _malloc_trim(0)
     return int(psutil.Process().memory_info().rss)
 
 

@@ -33,7 +33,7 @@ def test_environment_variables_fill_the_section() -> None:
         "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/",
         "OTEL_EXPORTER_OTLP_HEADERS": "api-key=abc%20def,x-tenant=shop",
         "OTEL_EXPORTER_OTLP_TIMEOUT": "2500",
-        "OTEL_EXPORTER_OTLP_COMPRESSION": "none",
+        "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
         "OTEL_METRIC_EXPORT_INTERVAL": "15000",
         "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "DELTA",
         "OTEL_TRACES_EXPORTER": "otlp",
@@ -51,7 +51,7 @@ def test_environment_variables_fill_the_section() -> None:
         "x-tenant": "shop",
     }
     assert telemetry.timeout == 2.5
-    assert telemetry.compression == "none"
+    assert telemetry.compression == "gzip"
     assert telemetry.metrics.interval == 15.0
     assert telemetry.metrics.temporality == "delta"
     assert telemetry.traces_active

@@ -333,6 +333,7 @@ def test_a_sidecar_process_exports_with_environment_configuration(
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
         "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20tok-123456",
         "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+        "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
         "OTEL_SERVICE_NAME": "shop-sidecar",
         "K8S_POD_NAME": "shop-7d9f",
         "K8S_NAMESPACE_NAME": "shop",
@@ -375,7 +376,7 @@ def test_an_unreachable_endpoint_is_reported_at_run_time(tmp_path: Path) -> None
 
     log = sidecar.log()
     assert f"metrics export to {url}/v1/metrics failed after" in log
-    assert "cannot connect ([Errno 111] Connection refused)" in log
+    assert "cannot connect ([Errno 111] Connection refused)" in log, log
     assert 'sidecar_otel_exports_total{result="failure",signal="metrics"}' in page
     failures = next(
         line

@@ -2,20 +2,15 @@
 
 How one export works, on a worker thread so the event loop never waits for it:
 
-1. ``families()`` is read once into a :class:`~sidecar.telemetry.snapshot.Snapshot`.
-2. Counters and gauges go through the SDK: one observable counter or gauge per family,
-   created the first time the family is seen, whose callback returns the snapshot's samples
-   as observations. The SDK's aggregation gives them their OTLP shape, start times, and delta
-   temporality when configured. Nothing is recorded on a hot path: the callbacks run only here.
-3. Histograms cannot go that way: the SDK has no observable histogram, and a synchronous one
-   would have to replay every observation. :class:`SnapshotReader`, a pull ``MetricReader``,
-   receives the SDK's collection, and this module adds the snapshot's histograms to it as SDK
-   ``Histogram`` metrics with ``HistogramDataPoint``s (explicit bounds from ``le``, per-bucket
-   counts, count and sum; min and max left unset because Prometheus does not keep them).
-4. The merged ``MetricsData`` goes to the SDK's OTLP/HTTP exporter, which encodes it and
-   retries 429/502/503/504 (honouring ``Retry-After``) and connection errors within the
-   configured timeout. A failed export is counted and dropped: the next one carries the same
-   cumulative totals, so nothing queues up while the collector is away.
+1. ``families()`` is read once into a :class:`~sidecar.telemetry.snapshot.Snapshot`: every
+   value of one export comes from the same instant, as in one scrape.
+2. :class:`~sidecar.telemetry.convert.Converter` turns it into the SDK's metric data model
+   (``Sum``, ``Gauge``, ``Histogram`` with explicit buckets); no SDK instrument is involved, so
+   hot paths keep recording into prometheus_client only.
+3. The SDK's OTLP/HTTP exporter encodes and posts it, retrying 429/502/503/504 (honouring
+   ``Retry-After``) and connection errors within the configured timeout. A failed export is
+   counted and dropped: the next one carries the same cumulative totals, so nothing queues up
+   while the collector is away.
 
 Exports never overlap: the loop waits for one to finish before scheduling the next, so at
 most one snapshot is alive at a time.
@@ -25,52 +20,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
-import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable
 
-from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics import (
-    AlwaysOffExemplarFilter,
-    ExemplarReservoir,
-    MeterProvider,
-    ObservableCounter,
-    ObservableGauge,
-)
-from opentelemetry.sdk.metrics.export import (
-    AggregationTemporality,
-    Histogram,
-    HistogramDataPoint,
-    MetricExporter,
-    MetricExportResult,
-    MetricReader,
-    MetricsData,
-    ResourceMetrics,
-    ScopeMetrics,
-)
-from opentelemetry.sdk.metrics.export import Metric as DataMetric
-from opentelemetry.sdk.metrics.view import View
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 from prometheus_client.core import Metric
 
-from sidecar import __version__
 from sidecar.fields import format_duration
 from sidecar.telemetry import sdk
 from sidecar.telemetry.config import TelemetryConfig
-from sidecar.telemetry.snapshot import COUNTER, HistogramFamily, Snapshot, take_snapshot
+from sidecar.telemetry.convert import Converter
+from sidecar.telemetry.snapshot import take_snapshot
 from sidecar.telemetry.stats import ExportStats
 
 logger = logging.getLogger(__name__)
 
-# The instrument name syntax of the OpenTelemetry metrics API; Prometheus also allows ':'.
-_INSTRUMENT_NAME = re.compile(r"^[A-Za-z][-_./A-Za-z0-9]{0,254}$")
-# The SDK folds attribute sets beyond 2,000 per instrument into one overflow point. /metrics
-# shows every series, and the parts that create series cap them upstream (the application
-# store's series limit), so the export must not apply a second, different cap.
-_NO_CARDINALITY_LIMIT = 2**31 - 1
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    # glibc keeps the heap pages an export's protobuf messages used; malloc_trim hands them
+    # back to the system (about 5 MB for 10,000 series, in well under a millisecond). Other C
+    # libraries (musl) return memory by themselves and have no such function.
+    path = ctypes.util.find_library("c")
+    if path is None:
+        return None
+    trim = getattr(ctypes.CDLL(path), "malloc_trim", None)
+    return trim if callable(trim) else None
+
+
+_malloc_trim = _load_malloc_trim()
 
 
 class MetricsPush:
@@ -90,32 +71,11 @@ class MetricsPush:
         self._config = config
         self._families = families
         self._stats = stats
-        self._session = sdk.ExportSession()
-        self._exporter = exporter or sdk.build_metric_exporter(config, self._session)
-        self._delta = config.metrics.temporality == "delta"
-        temporality: dict[type, AggregationTemporality] = {
-            ObservableCounter: AggregationTemporality.DELTA
-            if self._delta
-            else AggregationTemporality.CUMULATIVE
-        }
-        self._reader = SnapshotReader(temporality)
-        self._resource = sdk.build_resource(config)
-        self._provider = MeterProvider(
-            resource=self._resource,
-            metric_readers=[self._reader],
-            shutdown_on_exit=False,
-            # Exemplars need a measurement in a span's context; observations at export time
-            # never have one. Without reservoirs, each collection is about a third cheaper.
-            exemplar_filter=AlwaysOffExemplarFilter(),
-            views=[View(instrument_name="*", exemplar_reservoir_factory=_no_exemplars)],
+        self._transport = sdk.build_transport(config)
+        self._exporter = exporter or sdk.build_metric_exporter(config, self._transport)
+        self._converter = Converter(
+            sdk.build_resource(config), sdk.SCOPE_NAME, config.metrics.temporality == "delta"
         )
-        self._meter = self._provider.get_meter(sdk.SCOPE_NAME, __version__)
-        self._observations: dict[tuple[str, str], list[Observation]] = {}
-        self._instruments: dict[tuple[str, str], object] = {}
-        self._skipped_names: set[str] = set()
-        # Start of the cumulative histograms; in delta mode, each key's previous export.
-        self._start_ns = time.time_ns()
-        self._previous: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[Any, int]] = {}
         self._lock = asyncio.Lock()
         self._thread_lock = threading.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -148,7 +108,6 @@ class MetricsPush:
 
     def _shutdown(self) -> None:
         self._exporter.shutdown(timeout_millis=1000)
-        self._provider.shutdown(timeout_millis=1000)
 
     async def _loop(self) -> None:
         interval = self._config.metrics.interval
@@ -175,6 +134,9 @@ class MetricsPush:
             result = self._exporter.export(data, timeout_millis=self._config.timeout * 1000)
             succeeded = result is MetricExportResult.SUCCESS
             elapsed = time.perf_counter() - started
+            del data
+            if _malloc_trim is not None:
+                _malloc_trim(0)
             self.exports += 1
         self._stats.record("metrics", succeeded, elapsed)
         self._report(succeeded, elapsed)
@@ -189,155 +151,11 @@ class MetricsPush:
                 "dropped and the next export in %s carries the totals",
                 self.url,
                 elapsed,
-                self._session.last_outcome,
+                self._transport.last_outcome,
                 format_duration(self._config.metrics.interval),
             )
         self._failing = not succeeded
 
     def collect(self) -> MetricsData:
         """Read the families once and return them in the SDK's data model, ready to export."""
-        snapshot = take_snapshot(self._families())
-        self._observe(snapshot)
-        collected = self._reader.take()
-        now_ns = time.time_ns()
-        histograms = [self._histogram(family, now_ns) for family in snapshot.histograms]
-        # The callbacks have run: the observations need not outlive this collection.
-        self._observations = {}
-        return self._merge(collected, histograms)
-
-    def _observe(self, snapshot: Snapshot) -> None:
-        observations: dict[tuple[str, str], list[Observation]] = {}
-        for key, series in snapshot.numbers.items():
-            if key not in self._instruments and not self._create_instrument(
-                key, series.description, series.unit
-            ):
-                continue
-            observations[key] = [Observation(value, labels) for value, labels in series.points]
-        self._observations = observations
-
-    def _create_instrument(self, key: tuple[str, str], description: str, unit: str) -> bool:
-        kind, name = key
-        if not _INSTRUMENT_NAME.match(name):
-            if name not in self._skipped_names:
-                self._skipped_names.add(name)
-                logger.warning(
-                    "metric %s is not exported over OTLP: its name is not a valid "
-                    "OpenTelemetry instrument name",
-                    name,
-                )
-            return False
-
-        def callback(options: CallbackOptions, key: tuple[str, str] = key) -> Sequence[Observation]:
-            return self._observations.get(key, ())
-
-        create = (
-            self._meter.create_observable_counter
-            if kind == COUNTER
-            else self._meter.create_observable_gauge
-        )
-        self._instruments[key] = create(name, [callback], unit=unit, description=description)
-        return True
-
-    def _histogram(self, family: HistogramFamily, now_ns: int) -> DataMetric:
-        points = []
-        for series in family.series:
-            counts: Sequence[int] = series.counts
-            count, total, start_ns = series.count, series.sum, self._start_ns
-            if self._delta:
-                key = (family.name, tuple(series.attributes.items()))
-                previous = self._previous.get(key)
-                self._previous[key] = ((series.counts, series.count, series.sum), now_ns)
-                if previous is not None:
-                    (old_counts, old_count, old_sum), start_ns = previous
-                    # A total below the previous one means the series restarted (OTLP data
-                    # model, "resets"): report it whole from the previous export.
-                    if count >= old_count and len(old_counts) == len(counts):
-                        counts = [new - old for new, old in zip(counts, old_counts, strict=True)]
-                        count, total = count - old_count, total - old_sum
-            points.append(
-                HistogramDataPoint(
-                    attributes=series.attributes,
-                    start_time_unix_nano=start_ns,
-                    time_unix_nano=now_ns,
-                    count=count,
-                    sum=total,
-                    bucket_counts=counts,
-                    explicit_bounds=series.bounds,
-                    # Prometheus keeps neither; None leaves the optional fields unset.
-                    min=None,  # type: ignore[arg-type]
-                    max=None,  # type: ignore[arg-type]
-                )
-            )
-        temporality = (
-            AggregationTemporality.DELTA if self._delta else AggregationTemporality.CUMULATIVE
-        )
-        return DataMetric(
-            name=family.name,
-            description=family.description,
-            unit=family.unit,
-            data=Histogram(data_points=points, aggregation_temporality=temporality),
-        )
-
-    def _merge(self, collected: MetricsData | None, histograms: list[DataMetric]) -> MetricsData:
-        metrics: list[DataMetric] = []
-        if collected is not None:
-            for resource_metrics in collected.resource_metrics:
-                for scope_metrics in resource_metrics.scope_metrics:
-                    metrics.extend(scope_metrics.metrics)
-        metrics.extend(histograms)
-        scope = ScopeMetrics(
-            scope=InstrumentationScope(sdk.SCOPE_NAME, __version__),
-            metrics=metrics,
-            schema_url="",
-        )
-        return MetricsData(
-            resource_metrics=[
-                ResourceMetrics(resource=self._resource, scope_metrics=[scope], schema_url="")
-            ]
-        )
-
-
-class _NoExemplars(ExemplarReservoir):
-    """A reservoir that keeps nothing: observable instruments never have exemplars here."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        pass
-
-    def offer(self, value: float, time_unix_nano: int, attributes: Any, context: Any) -> None:
-        return None
-
-    def collect(self, point_attributes: Any) -> list[Any]:
-        return []
-
-
-def _no_exemplars(aggregation_type: type) -> type[_NoExemplars]:
-    return _NoExemplars
-
-
-class SnapshotReader(MetricReader):
-    """A pull reader: ``take()`` runs the observable callbacks and returns the collection."""
-
-    def __init__(self, temporality: dict[type, Any]) -> None:
-        super().__init__(
-            preferred_temporality=temporality,
-            cardinality_limits={
-                ObservableCounter: _NO_CARDINALITY_LIMIT,
-                ObservableGauge: _NO_CARDINALITY_LIMIT,
-            },
-        )
-        self._received: MetricsData | None = None
-
-    def take(self) -> MetricsData | None:
-        """Collect now; None when no instrument exists yet."""
-        self._received = None
-        self.collect()
-        received, self._received = self._received, None
-        return received
-
-    def _receive_metrics(
-        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
-    ) -> None:
-        self._received = metrics_data
-
-    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        self._received = None
+        return self._converter.convert(take_snapshot(self._families()))

@@ -8,20 +8,21 @@ anything that the configuration (file over environment) already decided.
 from __future__ import annotations
 
 import platform
-import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import requests
 from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import sampling
-from opentelemetry.sdk.trace.sampling import Sampler
 from opentelemetry.sdk.version import __version__ as sdk_version
 
 from sidecar import __version__
 from sidecar.telemetry.config import TelemetryConfig
+from sidecar.telemetry.transport import HttpxTransport
+
+if TYPE_CHECKING:
+    # The tracing SDK costs about 5 MB resident: imported only when traces are on.
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace.sampling import Sampler
 
 SCOPE_NAME = "sidecar"
 
@@ -42,71 +43,49 @@ def build_resource(config: TelemetryConfig) -> Resource:
     return Resource(attributes)
 
 
+def build_transport(config: TelemetryConfig) -> HttpxTransport:
+    """The HTTP transport for one exporter of this configuration."""
+    assert config.endpoint is not None
+    return HttpxTransport(tls=config.endpoint.startswith("https://"))
+
+
 def signal_url(config: TelemetryConfig, signal: str) -> str:
     """``<endpoint>/v1/<signal>``, as the OTLP/HTTP specification builds it from a base URL."""
     assert config.endpoint is not None
     return f"{config.endpoint}/v1/{signal}"
 
 
-_ERRNO = re.compile(r"\[Errno -?\d+\] [^'\")]+")
-
-
-class ExportSession(requests.Session):
-    """The HTTP session of one exporter; remembers how its last request went.
-
-    The SDK's exporter returns only success or failure; this keeps the cause (a status line or
-    the connection error) so that the sidecar's log says why an export failed.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last_outcome = "no request was sent"
-
-    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        try:
-            response = super().request(method, url, *args, **kwargs)
-        except requests.Timeout:
-            self.last_outcome = "the request timed out"
-            raise
-        except requests.ConnectionError as error:
-            found = _ERRNO.search(str(error))
-            self.last_outcome = (
-                f"cannot connect ({found.group(0) if found else type(error).__name__})"
-            )
-            raise
-        except requests.RequestException as error:
-            self.last_outcome = f"request failed ({type(error).__name__})"
-            raise
-        self.last_outcome = f"answered {response.status_code} {response.reason}"
-        return response
-
-
-def _common_arguments(config: TelemetryConfig, session: ExportSession) -> dict[str, Any]:
+def _common_arguments(config: TelemetryConfig, transport: HttpxTransport) -> dict[str, Any]:
     return {
         "headers": {name: value.reveal() for name, value in config.headers.items()},
         "timeout": config.timeout,
         "compression": Compression.Gzip
         if config.compression == "gzip"
         else Compression.NoCompression,
-        # One session per exporter keeps the connection to the collector open between exports.
-        "session": session,
+        # One transport per exporter keeps the connection to the collector open between
+        # exports; see sidecar.telemetry.transport for why not the default one.
+        "_transport": transport,
     }
 
 
-def build_metric_exporter(config: TelemetryConfig, session: ExportSession) -> OTLPMetricExporter:
+def build_metric_exporter(config: TelemetryConfig, transport: HttpxTransport) -> OTLPMetricExporter:
     """The OTLP/HTTP metric exporter; it retries 429/502/503/504 within ``config.timeout``."""
     url = signal_url(config, "metrics")
-    return OTLPMetricExporter(endpoint=url, **_common_arguments(config, session))
+    return OTLPMetricExporter(endpoint=url, **_common_arguments(config, transport))
 
 
-def build_span_exporter(config: TelemetryConfig, session: ExportSession) -> OTLPSpanExporter:
+def build_span_exporter(config: TelemetryConfig, transport: HttpxTransport) -> OTLPSpanExporter:
     """The OTLP/HTTP span exporter, with the same retry rules as metrics."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
     url = signal_url(config, "traces")
-    return OTLPSpanExporter(endpoint=url, **_common_arguments(config, session))
+    return OTLPSpanExporter(endpoint=url, **_common_arguments(config, transport))
 
 
 def build_sampler(config: TelemetryConfig) -> Sampler:
     """The sampler the ``traces.sampler`` and ``traces.ratio`` keys name."""
+    from opentelemetry.sdk.trace import sampling
+
     name = config.traces.sampler
     root: Sampler
     if name.endswith("always_on"):

@@ -20,6 +20,7 @@ from sidecar.telemetry import sdk
 from sidecar.telemetry.config import TelemetryConfig
 from sidecar.telemetry.stats import ExportStats
 from sidecar.telemetry.tracing import SpanPipelineTracer
+from sidecar.telemetry.transport import HttpxTransport
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +32,10 @@ class CountingSpanExporter(SpanExporter):
     """Delegates to another span exporter and counts each export's result and duration."""
 
     def __init__(
-        self, exporter: SpanExporter, stats: ExportStats, url: str, session: sdk.ExportSession
+        self, exporter: SpanExporter, stats: ExportStats, url: str, transport: HttpxTransport
     ) -> None:
         self._exporter = exporter
-        self._session = session
+        self._transport = transport
         self._stats = stats
         self._url = url
         self._failing = False
@@ -48,7 +49,7 @@ class CountingSpanExporter(SpanExporter):
             logger.warning(
                 "trace export to %s failed: %s; %d spans dropped",
                 self._url,
-                self._session.last_outcome,
+                self._transport.last_outcome,
                 len(spans),
             )
         elif self._failing:
@@ -71,9 +72,9 @@ class TracePush:
     ) -> None:
         self.url = sdk.signal_url(config, "traces")
         self._timeout = config.timeout
-        session = sdk.ExportSession()
+        transport = sdk.build_transport(config)
         exporter = CountingSpanExporter(
-            exporter or sdk.build_span_exporter(config, session), stats, self.url, session
+            exporter or sdk.build_span_exporter(config, transport), stats, self.url, transport
         )
         self.provider = TracerProvider(
             resource=sdk.build_resource(config),
