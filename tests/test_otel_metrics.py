@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import subprocess
 import tracemalloc
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -13,13 +14,14 @@ from typing import Any
 import httpx
 import pytest
 from opentelemetry.proto.metrics.v1 import metrics_pb2
-from prometheus_client import Counter, Gauge, Histogram, Summary
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.app import Sidecar
 from sidecar.config import parse_config
-from tests.harness import SidecarProcess, free_port, wait_until
+from sidecar.telemetry.stats import ExportStats
+from tests.harness import SidecarProcess, free_port, require_tool, wait_until
 from tests.otel_receiver import OtlpReceiver, metric_named, resource_of, series_of
 
 CUMULATIVE = metrics_pb2.AGGREGATION_TEMPORALITY_CUMULATIVE
@@ -384,3 +386,44 @@ def test_an_unreachable_endpoint_is_reported_at_run_time(tmp_path: Path) -> None
         if line.startswith('sidecar_otel_exports_total{result="failure",signal="metrics"}')
     )
     assert float(failures.split()[-1]) >= 1
+
+
+async def test_a_failing_family_source_is_counted_and_the_loop_survives(
+    receiver: OtlpReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    sidecar = Sidecar(parse_config(quiet_config(receiver.url), environ={}))
+    broken = True
+
+    def families() -> Iterable[Metric]:
+        if broken:
+            raise RuntimeError("store is being rebuilt")
+        return [GaugeMetricFamily("app_ok", "Fine again.", value=1)]
+
+    sidecar.exposition.add_text_source(lambda openmetrics: b"", families)
+
+    async with sidecar.running():
+        assert not await sidecar.telemetry.metrics.export()
+        broken = False
+        assert await sidecar.telemetry.metrics.export()
+        page = await scrape(sidecar)
+
+    assert "reading the metric families for OTLP export failed" in caplog.text
+    assert 'sidecar_otel_exports_total{result="failure",signal="metrics"} 1.0' in page
+    assert ("app_ok", frozenset()) in series_of(receiver.received.metrics[-1])
+
+
+def test_the_export_metrics_pass_promtool(tmp_path: Path) -> None:
+    promtool = require_tool("promtool")
+    registry = CollectorRegistry()
+    stats = ExportStats(registry)
+    stats.record("metrics", True, 0.02)
+    stats.record("traces", False, 1.5)
+
+    result = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=generate_latest(registry),
+        capture_output=True,
+        check=False,
+    )
+
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")

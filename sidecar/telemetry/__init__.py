@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
+from sidecar.errors import StartupError
 from sidecar.telemetry.config import TelemetryConfig
 from sidecar.telemetry.stats import ExportStats
 from sidecar.telemetry.tracing import NOOP_TRACER, PipelineTracer
@@ -41,15 +42,22 @@ def build_telemetry(
     """Build metric and trace export as configured; import the SDK only for what is on."""
     telemetry = Telemetry()
     stats = ExportStats(registry)
-    if config.metrics_active:
-        from sidecar.telemetry.metrics import MetricsPush
+    try:
+        if config.metrics_active:
+            from sidecar.telemetry.metrics import MetricsPush
 
-        telemetry.metrics = MetricsPush(config, families, stats)
-        telemetry.components.append(telemetry.metrics)
-    if config.traces_active:
-        from sidecar.telemetry.traces import TracePush
+            telemetry.metrics = MetricsPush(config, families, stats)
+            telemetry.components.append(telemetry.metrics)
+        if config.traces_active:
+            # Separately: the tracing SDK adds about 5 MB that metrics alone do not need.
+            from sidecar.telemetry.traces import TracePush
 
-        telemetry.traces = TracePush(config, stats)
-        telemetry.tracer = telemetry.traces.tracer
-        telemetry.components.append(telemetry.traces)
+            telemetry.traces = TracePush(config, stats)
+            telemetry.tracer = telemetry.traces.tracer
+            telemetry.components.append(telemetry.traces)
+    except ImportError as error:
+        raise StartupError(
+            f"telemetry.endpoint is set but the OpenTelemetry packages are missing ({error}); "
+            "install them with: pip install 'sidecar[otel]'"
+        ) from error
     return telemetry

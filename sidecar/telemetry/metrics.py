@@ -80,8 +80,6 @@ class MetricsPush:
         self._thread_lock = threading.Lock()
         self._task: asyncio.Task[None] | None = None
         self._failing = False
-        self.exports = 0
-        """Finished exports, successful or not (for tests and the benchmark)."""
 
     @property
     def url(self) -> str:
@@ -130,14 +128,20 @@ class MetricsPush:
         """Export one snapshot on the calling thread (never call it on the event loop)."""
         with self._thread_lock:
             started = time.perf_counter()
-            data = self.collect()
+            try:
+                data = self.collect()
+            except Exception:
+                # A broken family source must not end the export loop; the scrape that reads
+                # the same source reports it too.
+                logger.exception("reading the metric families for OTLP export failed")
+                self._stats.record("metrics", False, time.perf_counter() - started)
+                return False
             result = self._exporter.export(data, timeout_millis=self._config.timeout * 1000)
             succeeded = result is MetricExportResult.SUCCESS
             elapsed = time.perf_counter() - started
             del data
             if _malloc_trim is not None:
                 _malloc_trim(0)
-            self.exports += 1
         self._stats.record("metrics", succeeded, elapsed)
         self._report(succeeded, elapsed)
         return succeeded

@@ -63,13 +63,6 @@ class Snapshot:
     numbers: dict[tuple[str, str], NumberSeries] = field(default_factory=dict)
     histograms: list[HistogramFamily] = field(default_factory=list)
 
-    @property
-    def series(self) -> int:
-        """How many data points the snapshot holds."""
-        return sum(len(n.points) for n in self.numbers.values()) + sum(
-            len(h.series) for h in self.histograms
-        )
-
 
 # Prometheus base units, as name suffixes, and their UCUM codes that OTLP units use.
 _UNITS = {"seconds": "s", "bytes": "By", "ratio": "1"}
