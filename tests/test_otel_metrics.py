@@ -427,3 +427,23 @@ def test_the_export_metrics_pass_promtool(tmp_path: Path) -> None:
     )
 
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+
+
+async def test_only_the_configured_headers_are_sent(
+    receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The file's header map replaces the environment's, though the SDK's exporter would read
+    # the variable on its own.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-from-env=leaked")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_HEADERS", "x-metrics-env=leaked")
+    config = quiet_config(receiver.url, headers={"authorization": "Bearer from-file"})
+    sidecar = Sidecar(parse_config(config))
+
+    async with sidecar.running():
+        assert await sidecar.telemetry.metrics.export()
+
+    (headers,) = receiver.headers
+    assert headers["authorization"] == "Bearer from-file"
+    assert headers["content-type"] == "application/x-protobuf"
+    assert "x-from-env" not in headers
+    assert "x-metrics-env" not in headers

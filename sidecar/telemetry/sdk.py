@@ -46,7 +46,8 @@ def build_resource(config: TelemetryConfig) -> Resource:
 def build_transport(config: TelemetryConfig) -> HttpxTransport:
     """The HTTP transport for one exporter of this configuration."""
     assert config.endpoint is not None
-    return HttpxTransport(tls=config.endpoint.startswith("https://"))
+    headers = {name: value.reveal() for name, value in config.headers.items()}
+    return HttpxTransport(tls=config.endpoint.startswith("https://"), headers=headers)
 
 
 def signal_url(config: TelemetryConfig, signal: str) -> str:
@@ -57,7 +58,8 @@ def signal_url(config: TelemetryConfig, signal: str) -> str:
 
 def _common_arguments(config: TelemetryConfig, transport: HttpxTransport) -> dict[str, Any]:
     return {
-        "headers": {name: value.reveal() for name, value in config.headers.items()},
+        # The transport adds the configured headers itself (see HttpxTransport).
+        "headers": {},
         "timeout": config.timeout,
         "compression": Compression.Gzip
         if config.compression == "gzip"

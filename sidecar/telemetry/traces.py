@@ -86,6 +86,7 @@ class TracePush:
                 exporter,
                 max_queue_size=config.traces.max_queue_size,
                 schedule_delay_millis=SCHEDULE_DELAY_MILLIS,
+                max_export_batch_size=min(512, config.traces.max_queue_size),
                 export_timeout_millis=config.timeout * 1000,
             )
         )

@@ -20,6 +20,8 @@ import httpx
 # every export test runs through this class, so a change there fails the tests at once.
 from opentelemetry.exporter.http.transport._base import BaseHTTPResult, BaseHTTPTransport
 
+# Headers the exporter itself sets for the protocol; every other one comes from the config.
+_PROTOCOL_HEADERS = frozenset({"content-type", "content-encoding", "user-agent"})
 _CONNECTION_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 _ERRNO = re.compile(r"\[Errno -?\d+\] [^'\")\]]+")
 
@@ -38,11 +40,12 @@ class HttpxResult(BaseHTTPResult):
 class HttpxTransport(BaseHTTPTransport):
     """One keep-alive connection pool per exporter; ``last_outcome`` describes the last try."""
 
-    def __init__(self, tls: bool) -> None:
+    def __init__(self, tls: bool, headers: Mapping[str, str]) -> None:
         # trust_env=False: proxies and certificates come from the configuration only, never
         # from variables read behind its back. Without TLS (an http:// endpoint, redirects
         # off) the CA bundle is not loaded: it would cost about 2 MB for nothing.
         self._client = httpx.Client(follow_redirects=False, trust_env=False, verify=tls)
+        self._headers = dict(headers)
         self.last_outcome = "no request was sent"
 
     def request(
@@ -54,9 +57,18 @@ class HttpxTransport(BaseHTTPTransport):
         timeout: float | None = None,
         data: bytes | None = None,
     ) -> BaseHTTPResult:
+        # The exporter merges OTEL_EXPORTER_OTLP_*HEADERS from the environment into its own
+        # headers; the configuration already decided between file and environment, so only its
+        # headers are sent.
+        sent = {
+            name: value
+            for name, value in (headers or {}).items()
+            if name.lower() in _PROTOCOL_HEADERS
+        }
+        sent.update(self._headers)
         try:
             response = self._client.request(
-                method, url, headers=headers, content=data, timeout=timeout
+                method, url, headers=sent, content=data, timeout=timeout
             )
         except httpx.TimeoutException as error:
             self.last_outcome = f"no answer within the timeout ({type(error).__name__})"
