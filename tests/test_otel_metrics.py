@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import socket
 import subprocess
+import time
 import tracemalloc
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -447,3 +449,29 @@ async def test_only_the_configured_headers_are_sent(
     assert headers["content-type"] == "application/x-protobuf"
     assert "x-from-env" not in headers
     assert "x-metrics-env" not in headers
+
+
+async def test_a_stalled_collector_times_out_without_blocking_the_event_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A socket that accepts connections (the kernel's backlog) but never answers.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        sidecar = Sidecar(parse_config(quiet_config(url, timeout="1s"), environ={}))
+
+        async with sidecar.running():
+            push = sidecar.telemetry.metrics
+            export = asyncio.create_task(push.export())
+            await asyncio.to_thread(wait_until, lambda: push.exporting)
+            started = time.monotonic()
+            page = await scrape(sidecar)
+            scrape_seconds = time.monotonic() - started
+            succeeded = await export
+
+    assert not succeeded
+    assert scrape_seconds < 0.5
+    assert "sidecar_build_info" in page
+    assert f"metrics export to {url}/v1/metrics failed" in caplog.text
+    assert "no answer within the timeout (ReadTimeout)" in caplog.text

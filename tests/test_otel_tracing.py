@@ -310,3 +310,29 @@ async def test_ratio_zero_samples_nothing(receiver: OtlpReceiver) -> None:
 
     assert not int(carrier.rsplit("-", 1)[1], 16) & 1  # not sampled
     assert receiver.received.traces == []
+
+
+async def test_a_failed_trace_export_is_counted_and_logged(
+    receiver: OtlpReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    telemetry = {
+        "endpoint": receiver.url,
+        "metrics": {"enabled": False},
+        "traces": {"enabled": True},
+    }
+    sidecar = Sidecar(parse_config({"telemetry": telemetry}, environ={}))
+    assert sidecar.telemetry.traces is not None
+    receiver.fail_next(1, status=400)
+
+    async with sidecar.running():
+        receive_and_store(sidecar.telemetry.tracer)
+        await sidecar.telemetry.traces.flush()
+        transport = httpx.ASGITransport(app=sidecar.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://s") as client:
+            page = (await client.get("/metrics")).text
+
+    assert receiver.received.statuses == [400]
+    assert 'sidecar_otel_exports_total{result="failure",signal="traces"} 1.0' in page
+    assert (
+        f"trace export to {receiver.url}/v1/traces failed: answered 400 Bad Request" in caplog.text
+    )

@@ -82,6 +82,11 @@ class MetricsPush:
         self._failing = False
 
     @property
+    def exporting(self) -> bool:
+        """Whether an export is running right now."""
+        return self._thread_lock.locked()
+
+    @property
     def url(self) -> str:
         """Where metrics are sent."""
         return sdk.signal_url(self._config, "metrics")
