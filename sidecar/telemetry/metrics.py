@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
+from opentelemetry.sdk.metrics.export import MetricExportResult, MetricsData
 from prometheus_client.core import Metric
 
 from sidecar.fields import format_duration
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 def _load_malloc_trim() -> Callable[[int], int] | None:
     # glibc keeps the heap pages an export's protobuf messages used; malloc_trim hands them
     # back to the system (about 5 MB for 10,000 series, in well under a millisecond). Other C
-    # libraries (musl) return memory by themselves and have no such function.
+    # libraries (musl) have no such function, and the export simply runs without it.
     path = ctypes.util.find_library("c")
     if path is None:
         return None
@@ -55,24 +55,19 @@ _malloc_trim = _load_malloc_trim()
 
 
 class MetricsPush:
-    """A component that exports ``families()`` to ``<endpoint>/v1/metrics`` every interval.
-
-    ``exporter`` defaults to the OTLP/HTTP exporter the configuration describes; the benchmark
-    passes its own to measure the cost without a network.
-    """
+    """A component that exports ``families()`` to ``<endpoint>/v1/metrics`` every interval."""
 
     def __init__(
         self,
         config: TelemetryConfig,
         families: Callable[[], Iterable[Metric]],
         stats: ExportStats,
-        exporter: MetricExporter | None = None,
     ) -> None:
         self._config = config
         self._families = families
         self._stats = stats
         self._transport = sdk.build_transport(config)
-        self._exporter = exporter or sdk.build_metric_exporter(config, self._transport)
+        self._exporter = sdk.build_metric_exporter(config, self._transport)
         self._converter = Converter(
             sdk.build_resource(config), sdk.SCOPE_NAME, config.metrics.temporality == "delta"
         )

@@ -67,14 +67,12 @@ class CountingSpanExporter(SpanExporter):
 class TracePush:
     """A component owning the tracer provider; ``stop()`` flushes what is queued."""
 
-    def __init__(
-        self, config: TelemetryConfig, stats: ExportStats, exporter: SpanExporter | None = None
-    ) -> None:
+    def __init__(self, config: TelemetryConfig, stats: ExportStats) -> None:
         self.url = sdk.signal_url(config, "traces")
         self._timeout = config.timeout
         transport = sdk.build_transport(config)
         exporter = CountingSpanExporter(
-            exporter or sdk.build_span_exporter(config, transport), stats, self.url, transport
+            sdk.build_span_exporter(config, transport), stats, self.url, transport
         )
         self.provider = TracerProvider(
             resource=sdk.build_resource(config),

@@ -302,9 +302,11 @@ class SpanPipelineTracer(PipelineTracer):
         self.propagator = TraceContextTextMapPropagator()
 
     def receive(self, receiver: str, headers: Mapping[str, str] | None = None) -> NotificationTrace:
+        from opentelemetry.context import Context
         from opentelemetry.trace import SpanKind, set_span_in_context
 
-        parent = self.propagator.extract(_lowercase(headers)) if headers else None
+        # Never the ambient context: a notification's trace starts here or at its traceparent.
+        parent = self.propagator.extract(_lowercase(headers)) if headers else Context()
         span = self._tracer.start_span(
             "alerts.receive", context=parent, kind=SpanKind.SERVER, attributes={RECEIVER: receiver}
         )
