@@ -1,7 +1,7 @@
 """Write ``alert_rules/sidecar.rules.yaml``, the Prometheus alerting rules shipped with sidecar.
 
 Run ``python alert_rules/generate.py`` after changing a threshold or an alert, and commit the
-YAML it writes; a test fails when the committed file differs from what this script produces.
+YAML it writes (here and in the Helm chart's ``files/``); a test fails when the committed file differs from what this script produces.
 Every threshold lives in ``THRESHOLDS`` below, so a description can never promise a number that
 its expression does not test: both are written from the same value.
 
@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 
 OUTPUT = Path(__file__).resolve().parent / "sidecar.rules.yaml"
+# The chart can only read files inside itself, so it carries a copy for its PrometheusRule.
+CHART_COPY = OUTPUT.parent.parent / "helm" / "sidecar" / "files" / "alert_rules" / OUTPUT.name
 
 # Where docs/runbooks.md of this repository is published; a fork changes this one line (the
 # Helm chart can also replace it when it installs the rules as a PrometheusRule).
@@ -380,17 +382,19 @@ def render() -> str:
 
 
 def main() -> int:
-    """Write the rule file; with ``--check``, only report whether it is up to date."""
+    """Write the rule file and the chart's copy; with ``--check``, only compare them."""
     text = render()
-    if "--check" in sys.argv[1:]:
-        current = OUTPUT.read_text() if OUTPUT.exists() else ""
-        if current != text:
-            print(f"{OUTPUT} is out of date: run python alert_rules/generate.py")
-            return 1
-        return 0
-    OUTPUT.write_text(text)
-    print(f"wrote {OUTPUT}")
-    return 0
+    stale = []
+    for path in (OUTPUT, CHART_COPY):
+        if "--check" in sys.argv[1:]:
+            if not path.exists() or path.read_text() != text:
+                stale.append(path)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    for path in stale:
+        print(f"{path} is out of date: run python alert_rules/generate.py")
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":
