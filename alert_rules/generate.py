@@ -1,7 +1,8 @@
 """Write ``alert_rules/sidecar.rules.yaml``, the Prometheus alerting rules shipped with sidecar.
 
 Run ``python alert_rules/generate.py`` after changing a threshold or an alert, and commit the
-YAML it writes (here and in the Helm chart's ``files/``); a test fails when the committed file differs from what this script produces.
+YAML it writes (here and in the Helm chart's ``files/``); a test fails when the committed file
+differs from what this script produces.
 Every threshold lives in ``THRESHOLDS`` below, so a description can never promise a number that
 its expression does not test: both are written from the same value.
 

@@ -1,7 +1,8 @@
 """Every metric name the shipped alert rules and dashboards use is one the sidecar exports.
 
 The names are read from a live ``/metrics`` of a ``Sidecar`` built with every part enabled, so
-a renamed metric breaks this test instead of silently emptying a panel or muting an alert.
+a renamed metric breaks this test instead of silently emptying a panel or muting an alert. The
+paths the Helm chart probes and scrapes are checked the same way, against the same sidecar.
 """
 
 from __future__ import annotations
@@ -9,11 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import yaml
+from helm_python import Chart
 
-from sidecar.config import Config
+from sidecar.app import Sidecar
+from sidecar.config import Config, parse_config
 from tests.deploy_names import (
     PROMETHEUS_SERIES,
+    REPO,
     exposed_names,
     missing_names,
     render_exposition,
@@ -100,3 +106,45 @@ def test_exposed_names_include_families_without_series() -> None:
     assert {"sidecar_x_total", "sidecar_y_seconds_bucket", "sidecar_y_seconds_count"} <= names
     assert "sidecar_z" in names
     assert "sidecar_w" not in names
+
+
+def chart_http_paths() -> set[str]:
+    """The paths the chart's probes and ServiceMonitor call on the sidecar's HTTP port."""
+    rendered = Chart.load(REPO / "helm" / "sidecar").render(
+        {"serviceMonitor": {"enabled": True}}, name="obs", namespace="monitoring"
+    )
+    paths = set()
+    for template, text in rendered.items():
+        if template.endswith("NOTES.txt"):
+            continue
+        for manifest in yaml.safe_load_all(text):
+            if not manifest:
+                continue
+            if manifest["kind"] == "Deployment":
+                (container,) = manifest["spec"]["template"]["spec"]["containers"]
+                for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                    paths.add(container[probe]["httpGet"]["path"])
+            if manifest["kind"] == "ServiceMonitor":
+                paths.update(endpoint["path"] for endpoint in manifest["spec"]["endpoints"])
+    return paths
+
+
+async def test_paths_the_chart_probes_and_scrapes_are_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config, unknown_sections = every_part_config()
+    paths = chart_http_paths()
+    sidecar = Sidecar(parse_config(config))
+
+    async with sidecar.running():
+        transport = httpx.ASGITransport(app=sidecar.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://sidecar") as client:
+            statuses = {path: (await client.get(path)).status_code for path in sorted(paths)}
+
+    assert {"/livez", "/readyz", "/metrics"} <= paths
+    unserved = sorted(path for path, status in statuses.items() if status in {404, 405})
+    assert unserved == [], (
+        f"the chart calls paths the sidecar does not serve: {unserved} "
+        f"(sections this build does not know yet: {unknown_sections})"
+    )
