@@ -30,6 +30,18 @@ from tests.deploy_names import (
 # checks, the receiver and its outbox, the log notifier, StatsD and OTLP ingest; the sections
 # below turn on what needs a setting.
 EVERY_PART: dict[str, Any] = {
+    # A Discord destination beside the default log one, so that the notifier families exist.
+    # Nothing is sent: no alert reaches the receiver during the test.
+    "alerts": {
+        "destinations": [
+            {"kind": "log", "name": "log"},
+            {
+                "kind": "discord",
+                "name": "ops",
+                "webhook_url": "https://discord.com/api/webhooks/1/not-a-token",
+            },
+        ],
+    },
     # OpenTelemetry export only runs with an endpoint; nothing needs to listen there for the
     # export metrics to be declared.
     "telemetry": {"endpoint": "http://127.0.0.1:9/"},
