@@ -19,7 +19,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import kubernetes_validate
+import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 from helm_python import Chart, HelmValuesError, lint
@@ -53,7 +53,7 @@ def render_scenario(name: str) -> tuple[dict[str, Any], ...]:
 def render(values: dict[str, Any], source: Chart | None = None) -> list[dict[str, Any]]:
     """Every manifest the chart renders with ``values``, parsed."""
     rendered = (source or chart()).render(values, name=RELEASE, namespace=NAMESPACE)
-    manifests = []
+    manifests: list[dict[str, Any]] = []
     for path, text in sorted(rendered.items()):
         if path.endswith("NOTES.txt"):
             continue
@@ -157,7 +157,8 @@ def config_of(manifests: Any) -> dict[str, Any]:
         for manifest in of_kind(manifests, "ConfigMap")
         if "sidecar.yaml" in manifest["data"]
     )
-    return yaml.safe_load(configmap["data"]["sidecar.yaml"])
+    config: dict[str, Any] = yaml.safe_load(configmap["data"]["sidecar.yaml"])
+    return config
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -269,9 +270,10 @@ def test_pod_is_hardened_with_a_writable_data_volume(scenario: str) -> None:
 
 
 def pod_spec_of(manifests: Any, scenario: str) -> dict[str, Any]:
-    if scenario != "sidecar-mode-values.yaml":
-        return one(manifests, "Deployment")["spec"]["template"]["spec"]
-    return one(render_example(), "Deployment")["spec"]["template"]["spec"]
+    if scenario == "sidecar-mode-values.yaml":
+        manifests = render_example()
+    spec: dict[str, Any] = one(manifests, "Deployment")["spec"]["template"]["spec"]
+    return spec
 
 
 def test_secrets_from_values_are_mounted_as_files() -> None:
