@@ -140,7 +140,7 @@ def load_config(
         raise ConfigError(
             [Problem("", f"{path} is not valid YAML: {_yaml_reason(error)}")]
         ) from None
-    if overrides and data is not None and not isinstance(data, dict):
+    if data is not None and not isinstance(data, dict):
         return parse_config(data, environ=environ, base_dir=path.parent)
     return parse_config(_merge(data or {}, overrides), environ=environ, base_dir=path.parent)
 

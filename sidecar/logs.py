@@ -90,8 +90,11 @@ def configure_logging(
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # uvicorn configures its own loggers unless told not to; route them through ours.
+    # uvicorn configures its own loggers unless told not to; route them through ours. Its
+    # start and stop lines repeat what the sidecar logs itself, so they show only at debug.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    quiet = logging.DEBUG if level.lower() == "debug" else logging.WARNING
+    logging.getLogger("uvicorn.error").setLevel(quiet)

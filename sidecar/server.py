@@ -96,6 +96,7 @@ async def serve(sidecar: Sidecar) -> None:
         servers = [_uvicorn_server(listener, sidecar) for listener in listeners]
         loop = asyncio.get_running_loop()
         received: list[int] = []
+        forced = asyncio.Event()
 
         def on_signal(number: int) -> None:
             received.append(number)
@@ -103,6 +104,7 @@ async def serve(sidecar: Sidecar) -> None:
                 logger.info("received %s; shutting down", signal.Signals(number).name)
                 sidecar.lifecycle.stopping.set()
             else:
+                forced.set()
                 for server in servers:
                     server.force_exit = True
 
@@ -113,10 +115,10 @@ async def serve(sidecar: Sidecar) -> None:
             await sidecar.lifecycle.stopping.wait()
             sidecar.lifecycle.begin_drain()
             delay = sidecar.config.server.shutdown_delay
-            if delay and not any(server.force_exit for server in servers):
+            if delay and not forced.is_set():
                 logger.info("readiness failing; closing listeners in %.1fs", delay)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(_until_forced(servers), timeout=delay)
+                    await asyncio.wait_for(forced.wait(), timeout=delay)
             for server in servers:
                 server.should_exit = True
 
@@ -139,11 +141,6 @@ async def serve(sidecar: Sidecar) -> None:
             for number in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(number)
     logger.info("sidecar stopped")
-
-
-async def _until_forced(servers: list[_Server]) -> None:
-    while not any(server.force_exit for server in servers):
-        await asyncio.sleep(0.05)
 
 
 async def _until_started(servers: list[_Server], tasks: list[asyncio.Task[None]]) -> None:

@@ -55,7 +55,7 @@ class Exposition:
     def __init__(self, registry: CollectorRegistry) -> None:
         # `_created` series add about 40% to a scrape and no query of ours uses them. The
         # switch is process-wide in prometheus_client; the sidecar never wants them.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry
         self._text_sources: list[TextSource] = []
         self._family_sources: list[FamilySource] = []

@@ -61,9 +61,12 @@ class _Totals:
         if io is not None:
             self.read_bytes = (self.read_bytes or 0) + io.read_bytes
             self.written_bytes = (self.written_bytes or 0) + io.write_bytes
-        if open_fds is not None and limit:
-            if self.fds is None or open_fds / limit > self.fds[0] / self.fds[1]:
-                self.fds = (open_fds, limit)
+        if (
+            open_fds is not None
+            and limit
+            and (self.fds is None or open_fds / limit > self.fds[0] / self.fds[1])
+        ):
+            self.fds = (open_fds, limit)
 
 
 def _optional(read: Callable[[], _T]) -> _T | None:
@@ -141,7 +144,9 @@ class ProcessSource:
         def gauge(name: str, text: str) -> GaugeMetricFamily:
             return GaugeMetricFamily(_PREFIX + name, text, labels=["target"])
 
-        def counter(name: str, text: str, labels: tuple[str, ...] = ("target",)) -> Metric:
+        def counter(
+            name: str, text: str, labels: tuple[str, ...] = ("target",)
+        ) -> CounterMetricFamily:
             return CounterMetricFamily(_PREFIX + name, text, labels=list(labels))
 
         instances = gauge("instances", "Number of running processes the target matches.")
