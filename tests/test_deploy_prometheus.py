@@ -2,19 +2,25 @@
 
 Parsing proves a query is well formed; this proves its matchers, groupings and joins fit the
 series the sidecar really writes: every dashboard query whose metrics have series in the
-sidecar's exposition must return a result once Prometheus has scraped it a few times.
+sidecar's exposition must return a result once Prometheus has scraped it a few times. The same
+sidecar watches a process that does not exist, and the alert rule for it must select it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.deploy_names import dashboard_expressions, load_dashboards, metric_names, panels_of
+from tests.deploy_names import (
+    dashboard_expressions,
+    load_dashboards,
+    metric_names,
+    panels_of,
+    rule_expressions,
+)
 from tests.harness import PrometheusServer, SidecarProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -23,12 +29,18 @@ pytestmark = pytest.mark.integration
 RATE_WINDOW = "10s"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def scraped_sidecar(
-    prometheus: PrometheusServer, tmp_path: Path
+    prometheus: PrometheusServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[SidecarProcess, str]]:
-    """A sidecar subprocess that the session's Prometheus scrapes; yields it and its instance."""
-    sidecar = SidecarProcess(tmp_path).start()
+    """A sidecar subprocess that the session's Prometheus scrapes; yields it and its instance.
+
+    The tests only read from it, so one sidecar serves the whole module.
+    """
+    tmp_path = tmp_path_factory.mktemp("scraped-sidecar")
+    # A target that matches no process, for the alert rule that watches targets.
+    ghost = {"name": "ghost", "process_name": "no-such-process-here"}
+    sidecar = SidecarProcess(tmp_path, {"metrics": {"process": {"targets": [ghost]}}}).start()
     instance = f"127.0.0.1:{sidecar.port}"
     name = f"deploy-dashboards-{sidecar.port}"
     prometheus.scrape(name, sidecar.url)
@@ -102,3 +114,15 @@ def test_version_variable_query_finds_the_scraped_sidecar(
 
     assert [series["metric"]["job"] for series in result] == ["tests"]
     assert result[0]["metric"]["version"]
+
+
+def test_target_process_alert_selects_a_missing_process(
+    prometheus: PrometheusServer, scraped_sidecar: tuple[SidecarProcess, str]
+) -> None:
+    _, instance = scraped_sidecar
+    expression = rule_expressions()["SidecarTargetProcessDown"]
+
+    result = prometheus.query(expression)
+
+    ours = [series["metric"] for series in result if series["metric"]["instance"] == instance]
+    assert [labels["target"] for labels in ours] == ["ghost"]
