@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 PROBE_POLL = 0.05
 # A discovering request that never reports back frees the bucket after this long.
 PROBE_TIMEOUT = 10.0
+# After a Redis failure the local budget answers alone for this long, so that an outage
+# costs one failed call per period instead of one (with the client's retries) per request.
+REDIS_COOLDOWN = 5.0
 
 
 class Budget(Protocol):
@@ -167,7 +170,7 @@ class RedisBudget:
     """One budget per webhook shared by every replica through Redis (times in Redis's clock).
 
     A Redis failure is logged and the local budget answers instead, so a Redis outage slows
-    nothing down beyond what the local headers allow.
+    nothing down beyond what the local headers allow; Redis is tried again every few seconds.
     """
 
     def __init__(self, redis: Redis, key: str, fallback: LocalBudget | None = None) -> None:
@@ -178,8 +181,14 @@ class RedisBudget:
         self._observe = redis.register_script(_OBSERVE)
         self._block = redis.register_script(_BLOCK)
         self._failing = False
+        self._retry_at = 0.0
+
+    def _available(self) -> bool:
+        return not self._failing or time.monotonic() >= self._retry_at
 
     async def take(self) -> float:
+        if not self._available():
+            return await self.fallback.take()
         try:
             wait_ms = await self._take(
                 keys=[self.key], args=[int(PROBE_POLL * 1000), int(PROBE_TIMEOUT * 1000)]
@@ -192,6 +201,8 @@ class RedisBudget:
 
     async def observe(self, limit: int, remaining: int, reset_after: float) -> None:
         await self.fallback.observe(limit, remaining, reset_after)
+        if not self._available():
+            return
         try:
             await self._observe(
                 keys=[self.key], args=[limit, remaining, max(int(reset_after * 1000), 0)]
@@ -201,6 +212,8 @@ class RedisBudget:
 
     async def block(self, retry_after: float) -> None:
         await self.fallback.block(retry_after)
+        if not self._available():
+            return
         try:
             await self._block(keys=[self.key], args=[max(int(retry_after * 1000), 1)])
         except RedisError as error:
@@ -213,6 +226,7 @@ class RedisBudget:
                 error,
             )
         self._failing = True
+        self._retry_at = time.monotonic() + REDIS_COOLDOWN
 
     def _recovered(self) -> None:
         if self._failing:

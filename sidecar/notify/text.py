@@ -13,7 +13,8 @@ ELLIPSIS = "…"
 ZERO_WIDTH_SPACE = "\u200b"
 
 # Characters that start or end Discord markdown (bold, italics, strike, code, spoiler, quote,
-# headings, masked links; parentheses are harmless once brackets are escaped). A backslash before any of them shows it literally.
+# headings, masked links); a backslash before any of them shows it literally. Parentheses
+# are left alone: without an unescaped bracket before them they cannot form a link.
 _MARKDOWN = re.compile(r"([\\*_~`|>#\[\]<])")
 # Everything that could become a mention if Discord parsed it: @everyone, @here, <@id>,
 # <@!id>, <@&id>, <#id>, and slash-command mentions </name:id>.
