@@ -31,10 +31,10 @@ from urllib.parse import urlsplit
 
 from jinja2 import TemplateError, select_autoescape
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from markupsafe import Markup
 from pydantic import GetCoreSchemaHandler, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError, core_schema
 
+from sidecar.alerts.payload import Notification
 from sidecar.fields import Section
 from sidecar.notify.sample import sample_notification
 from sidecar.notify.text import clip, escape_markdown
@@ -157,7 +157,7 @@ class TemplateText:
             self._compiled[flavour] = template
         now = context.setdefault("now", datetime.now(UTC))
         result = template.render(since=_since(now), **context)
-        return str(result) if not isinstance(result, Markup) else result.unescape()
+        return str(result)
 
     def __repr__(self) -> str:
         return f"TemplateText(origin={self.origin!r})"
@@ -269,5 +269,11 @@ class TemplateSection(Section):
         context: dict[str, Any] = {"notification": notification}
         if scope == "alert":
             context["alert"] = notification.alerts[0]
+        context.update(cls.extra_context(notification))
         check_template(template, flavour, context)
         return template
+
+    @classmethod
+    def extra_context(cls, notification: Notification) -> dict[str, Any]:
+        """Names the notifier adds to the context besides ``notification`` and ``alert``."""
+        return {}
