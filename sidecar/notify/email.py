@@ -333,6 +333,14 @@ class EmailNotifier:
             ) from error
         except (aiosmtplib.SMTPException, OSError) as error:
             self._count("error")
+            if type(error) is aiosmtplib.SMTPException:
+                # The bare base class is how aiosmtplib reports a session the server cannot
+                # hold as configured (no AUTH offered): retrying changes nothing.
+                raise DeliveryError(
+                    f"SMTP server {config.smarthost}:{config.effective_port} cannot serve this "
+                    f"session as configured (tls: {config.tls}): {error}",
+                    retryable=False,
+                ) from error
             cause = error.__cause__ or error.__context__
             certificate = isinstance(cause, ssl.SSLCertVerificationError) or isinstance(
                 error, ssl.SSLCertVerificationError
