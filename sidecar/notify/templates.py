@@ -207,8 +207,8 @@ def _load_template(value: object, info: ValidationInfo) -> TemplateText:
 
 
 def default_template(name: str) -> TemplateText:
-    """A template shipped with the package (``sidecar/notify/templates/NAME``)."""
-    text = resources.files("sidecar.notify").joinpath("templates", name).read_text("utf-8")
+    """A template shipped with the package (``sidecar/notify/default_templates/NAME``)."""
+    text = resources.files("sidecar.notify").joinpath("default_templates", name).read_text("utf-8")
     return TemplateText(text, f"default {name}")
 
 
