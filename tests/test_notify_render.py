@@ -139,13 +139,20 @@ def test_a_fields_template_turns_lines_into_fields() -> None:
     ]
 
 
-label_text = st.text(min_size=0, max_size=3000)
+def long_text(repeat: int) -> st.SearchStrategy[str]:
+    """Text up to ``20 * repeat`` characters: a drawn piece repeated, cheap to generate."""
+    return st.builds(
+        lambda piece, times: piece * times, st.text(max_size=20), st.integers(0, repeat)
+    )
+
+
+label_text = long_text(150)
 alerts_strategy = st.lists(
     st.fixed_dictionaries(
         {
             "labels": st.dictionaries(st.text(min_size=1, max_size=300), label_text, max_size=40),
-            "summary": st.text(max_size=5000),
-            "description": st.text(max_size=12000),
+            "summary": long_text(250),
+            "description": long_text(600),
             "status": st.sampled_from(["firing", "resolved"]),
         }
     ),

@@ -193,7 +193,9 @@ def render_embed(
     )
     description = _describe(body, links_line(alert, notification), room)
 
-    embed: dict[str, Any] = {"title": title, "color": colour(alert)}
+    embed: dict[str, Any] = {"color": colour(alert)}
+    if title.strip():
+        embed["title"] = title
     if description:
         embed["description"] = description
     source = safe_url(alert.generator_url)
@@ -247,10 +249,11 @@ def _fit_fields(pairs: list[tuple[str, str]], budget: int) -> list[dict[str, Any
             *pairs[: FIELDS_PER_EMBED - 1],
             (f"{len(pairs) - FIELDS_PER_EMBED + 1} more", rest),
         ]
+    # Discord refuses a field whose name or value is empty or blank.
     items = [
         (
-            clip(single_line(name), FIELD_NAME_LIMIT) or "\u200b",
-            clip(value, FIELD_VALUE_LIMIT) or "(empty)",
+            clip(single_line(name), FIELD_NAME_LIMIT) if name.strip() else "(blank)",
+            clip(value, FIELD_VALUE_LIMIT) if value.strip() else "(empty)",
         )
         for name, value in pairs
     ]
