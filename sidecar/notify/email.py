@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 SUBJECT_LIMIT = 250
 THREAD_RECORD_TTL = 30 * 86400.0
+DEFAULT_MAX_ALERTS = 50
 DEFAULT_PORTS = {"starttls": 587, "implicit": 465, "none": 25}
 _HOSTNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-[]:")
 
@@ -73,8 +74,9 @@ EmailAddress = Annotated[str, Field(max_length=320), AfterValidator(_check_addre
 class EmailTemplates(TemplateSection):
     """Jinja2 templates replacing the default email; each also accepts ``<name>_file``.
 
-    Context: ``notification``, ``now``, ``subject`` (in ``text`` and ``html``), and the
-    functions ``silence_url(alert)`` and ``group_url()``. The HTML template is autoescaped.
+    Context: ``notification``, ``now``, ``alerts`` (the alerts to list, at most
+    ``max_alerts``), ``hidden`` (how many are not listed), ``subject``, and the functions
+    ``silence_url(alert)`` and ``group_url()``. The HTML template is autoescaped.
     """
 
     flavours: ClassVar[dict[str, tuple[Flavour, Literal["alert", "notification"]]]] = {
@@ -134,6 +136,10 @@ class EmailDestination(DestinationConfig):
     timeout: Duration = 10.0
     """Time limit of each SMTP step (connect, each command)."""
 
+    max_alerts: Annotated[int, Field(ge=1, le=1000)] = DEFAULT_MAX_ALERTS
+    """Alerts listed one by one; the rest of a larger group is counted with a link to the
+    group in Alertmanager."""
+
     templates: EmailTemplates = EmailTemplates()
     """Template overrides for the subject, text and HTML parts."""
 
@@ -176,13 +182,20 @@ class EmailDestination(DestinationConfig):
         return self.port or DEFAULT_PORTS[self.tls]
 
 
-def template_context(notification: Notification, subject: str) -> dict[str, Any]:
-    """What the email templates see besides ``notification`` and ``now``."""
+def template_context(
+    notification: Notification, subject: str, max_alerts: int = DEFAULT_MAX_ALERTS
+) -> dict[str, Any]:
+    """What the email templates see besides ``notification`` and ``now``: ``alerts`` (the
+    first ``max_alerts``), ``hidden`` (how many more there are, including those Alertmanager
+    left out), ``subject``, ``silence_url(alert)`` and ``group_url()``."""
     silence: Callable[[Alert], str] = lambda alert: silence_url(  # noqa: E731
         notification.external_url, alert.labels
     )
+    shown = notification.alerts[:max_alerts]
     return {
         "subject": subject,
+        "alerts": shown,
+        "hidden": len(notification.alerts) - len(shown) + notification.truncated_alerts,
         "silence_url": silence,
         "group_url": lambda: group_url(notification),
     }
@@ -209,7 +222,7 @@ def render_email(
 ) -> EmailMessage:
     """The complete message; ``thread_root`` is the group's first Message-ID, if known."""
     templates = config.templates
-    context = template_context(notification, subject="")
+    context = template_context(notification, subject="", max_alerts=config.max_alerts)
     raw_subject = (templates.subject or DEFAULT_SUBJECT).render(
         "text", notification=notification, now=now, **context
     )
