@@ -514,3 +514,42 @@ async def test_notifier_metrics_pass_promtool(
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == b""
     assert result.stderr.strip() == b""
+
+
+async def test_a_429_without_a_body_uses_the_retry_after_header(
+    fake_discord: FakeDiscord, make_notifier: Factory
+) -> None:
+    url = fake_discord.add_webhook()
+    notifier = make_notifier(url, max_rate_limit_wait="500ms")
+    fake_discord.inject(url, 429, None, headers={"Retry-After": "3"})
+
+    with pytest.raises(DeliveryError) as failure:
+        await notifier.send(notification([alert()]), attempt())
+
+    assert failure.value.retryable
+    assert failure.value.retry_after == 3.0
+
+
+async def test_a_shared_scope_429_is_counted_as_shared(
+    fake_discord: FakeDiscord, make_notifier: Factory, registry: CollectorRegistry
+) -> None:
+    url = fake_discord.add_webhook()
+    notifier = make_notifier(url)
+    fake_discord.inject(
+        url,
+        429,
+        {"message": "You are being rate limited.", "retry_after": 0.05, "global": False},
+        headers={"X-RateLimit-Scope": "shared"},
+    )
+
+    await notifier.send(notification([alert()]), attempt())
+
+    assert (
+        sample(
+            registry,
+            "sidecar_discord_rate_limited_total",
+            destination="ops-discord",
+            scope="shared",
+        )
+        == 1
+    )

@@ -14,10 +14,10 @@ below, but not reach Python internals or mutate anything. Three flavours exist:
 - ``html`` (email): autoescaped, so alert text can never inject markup;
 - ``text`` (email subject and plain part): no escaping.
 
-Helpers available as filters: ``duration`` (seconds or timedelta as ``1h 5m``), ``since``
-(how long ago a time was, against ``now``), ``time`` (UTC text), ``labels`` (``k=v, ...``
-with an optional ``exclude`` list), ``clip`` (cut with an ellipsis) and ``url`` (a link
-target: kept only if it is http or https).
+Helpers available as filters: ``duration`` (seconds or timedelta as ``1h 5m``), ``time``
+(UTC text), ``labels`` (``k=v, ...`` with an optional ``exclude`` list), ``clip`` (cut with
+an ellipsis) and ``url`` (a link target: kept only if it is http or https); and the function
+``since(time)`` (how long before ``now`` a time was).
 """
 
 from __future__ import annotations
