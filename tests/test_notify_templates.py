@@ -148,3 +148,13 @@ def test_the_redis_key_of_a_budget_never_holds_the_token() -> None:
     assert key.startswith("sidecar:discord:ratelimit:")
     assert "secret" not in key
     assert key == budget_key("sidecar:", url + "?wait=true")
+
+
+async def test_an_answer_without_headers_ends_the_discovery_wait() -> None:
+    budget = LocalBudget()
+    await budget.take()
+    assert await budget.take() > 0
+
+    await budget.answered()
+
+    assert await budget.take() == 0

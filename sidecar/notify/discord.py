@@ -314,7 +314,12 @@ class DiscordNotifier:
         async with self._lock:
             for try_number in (1, 2):
                 await self._wait_for_budget()
-                response = await self._exchange(method, url, body)
+                try:
+                    response = await self._exchange(method, url, body)
+                except DeliveryError:
+                    # No answer, no headers: the next request must not wait for them.
+                    await self._budget.answered()
+                    raise
                 await self._observe(response)
                 if response.is_success:
                     return _json_object(response)
@@ -363,6 +368,7 @@ class DiscordNotifier:
             remaining = int(headers["X-RateLimit-Remaining"])
             reset_after = float(headers["X-RateLimit-Reset-After"])
         except (KeyError, ValueError):
+            await self._budget.answered()
             return
         await self._budget.observe(limit, remaining, reset_after)
 

@@ -47,6 +47,10 @@ class Budget(Protocol):
         """Send nothing for ``retry_after`` seconds (after a 429)."""
         ...
 
+    async def answered(self) -> None:
+        """An answer without rate-limit headers arrived: stop waiting for them."""
+        ...
+
 
 class LocalBudget:
     """The budget of one webhook in this process; callers serialise their requests."""
@@ -92,6 +96,10 @@ class LocalBudget:
         self.blocked_until = max(self.blocked_until, now + retry_after)
         self.remaining = 0
         self.reset_at = max(self.reset_at, now + retry_after)
+        self.probing_until = 0.0
+
+    async def answered(self) -> None:
+        self.probing_until = 0.0
 
 
 _NOW = """
@@ -154,6 +162,7 @@ local until_ms = now + tonumber(ARGV[1])
 local blocked = tonumber(redis.call('HGET', KEYS[1], 'blocked')) or 0
 if until_ms > blocked then redis.call('HSET', KEYS[1], 'blocked', until_ms) end
 redis.call('HSET', KEYS[1], 'remaining', 0)
+redis.call('HDEL', KEYS[1], 'probe')
 redis.call('PEXPIRE', KEYS[1], 600000)
 return 0
 """
@@ -216,6 +225,15 @@ class RedisBudget:
             return
         try:
             await self._block(keys=[self.key], args=[max(int(retry_after * 1000), 1)])
+        except RedisError as error:
+            self._report(error)
+
+    async def answered(self) -> None:
+        await self.fallback.answered()
+        if not self._available():
+            return
+        try:
+            await self.redis.hdel(self.key, "probe")
         except RedisError as error:
             self._report(error)
 
