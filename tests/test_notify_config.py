@@ -105,6 +105,7 @@ def test_plain_http_is_accepted_on_loopback_only() -> None:
         ({"thread_id": "thread"}, "thread_id"),
         ({"on_resolve": "delete"}, "on_resolve"),
         ({"username": "x" * 81}, "username"),
+        ({"username": "My Discord Bot"}, "username"),
         ({"avatar_url": "javascript:alert(1)"}, "avatar_url"),
         ({"timeout": "soon"}, "timeout"),
         ({"colour": "red"}, "colour"),

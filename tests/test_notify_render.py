@@ -196,3 +196,23 @@ def test_every_rendered_message_is_accepted_by_discords_limits(
     assert shown == expected
     has_summary = len(payload.alerts) > max_alerts or truncated > 0
     assert (messages[-1].fingerprints[-1] is None) is has_summary
+
+
+def test_many_mentions_are_kept_whole_within_the_content_limit() -> None:
+    roles = [f"1{i:017d}" for i in range(100)]
+    users = [f"2{i:017d}" for i in range(100)]
+    chat = config(mentions={"*": {"roles": roles, "users": users}}, max_alerts=10)
+
+    messages = render_messages(notification([alert(index=i) for i in range(15)]), chat, now=NOW)
+
+    first = messages[0]
+    assert len(first.content) <= 2000
+    assert first.content.endswith(" Part 1 of 2")
+    mentioned = first.content.removesuffix(" Part 1 of 2").split(" ")
+    assert mentioned == [f"<@&{r}>" for r in first.mention_roles] + [
+        f"<@{u}>" for u in first.mention_users
+    ]
+    assert first.mention_roles == roles[: len(first.mention_roles)]
+    assert 80 < len(first.mention_roles) + len(first.mention_users) < 200
+    assert messages[1].mention_roles == []
+    assert validate_message(first.body(), require_content=True) is None

@@ -154,6 +154,14 @@ class DiscordDestination(DestinationConfig):
             raise ValueError("must not carry a query; set thread_id instead")
         return value
 
+    @field_validator("username")
+    @classmethod
+    def _check_username(cls, value: str | None) -> str | None:
+        # Discord refuses webhook usernames containing these words.
+        if value is not None and any(word in value.lower() for word in ("discord", "clyde")):
+            raise ValueError('must not contain "discord" or "clyde" (Discord refuses them)')
+        return value
+
     @field_validator("avatar_url")
     @classmethod
     def _check_avatar_url(cls, value: str | None) -> str | None:

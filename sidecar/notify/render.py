@@ -36,6 +36,7 @@ FIELDS_PER_EMBED = 25
 FIELD_NAME_LIMIT = 256
 FIELD_VALUE_LIMIT = 1024
 FOOTER_LIMIT = 2048
+MENTIONS_PER_KIND = 100
 URL_LIMIT = 2048
 # A link is left out of the description rather than let one URL eat the description.
 LINK_LIMIT = 1024
@@ -118,9 +119,9 @@ def render_messages(
     for number, message in enumerate(messages, start=1):
         part = f"Part {number} of {len(messages)}" if len(messages) > 1 else ""
         if number == 1 and (roles or users):
-            message.mention_roles, message.mention_users = roles, users
-            pings = " ".join([f"<@&{role}>" for role in roles] + [f"<@{user}>" for user in users])
-            message.content = clip(f"{pings} {part}".strip(), CONTENT_LIMIT)
+            message.content, message.mention_roles, message.mention_users = _ping(
+                roles, users, part
+            )
         else:
             message.content = part
     return messages
@@ -143,6 +144,25 @@ def _pack(embeds: list[dict[str, Any]], fingerprints: list[str | None]) -> list[
     if current.embeds:
         messages.append(current)
     return messages
+
+
+def _ping(roles: list[str], users: list[str], suffix: str) -> tuple[str, list[str], list[str]]:
+    """Content with as many whole mentions as fit in 2,000 characters, and exactly those ids.
+
+    Discord also takes at most 100 ids of each kind in ``allowed_mentions``.
+    """
+    room = CONTENT_LIMIT - (len(suffix) + 1 if suffix else 0)
+    words: list[str] = []
+    kept: dict[str, list[str]] = {"roles": [], "users": []}
+    for kind, ids, form in (("roles", roles, "<@&{}>"), ("users", users, "<@{}>")):
+        for snowflake in ids[:MENTIONS_PER_KIND]:
+            word = form.format(snowflake)
+            if sum(len(w) + 1 for w in words) + len(word) > room:
+                break
+            words.append(word)
+            kept[kind].append(snowflake)
+    content = " ".join([*words, suffix] if suffix else words)
+    return content, kept["roles"], kept["users"]
 
 
 def mentions_for(
