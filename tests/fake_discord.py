@@ -162,6 +162,12 @@ class FakeDiscord:
         with self._lock:
             return [r for r in self.received if r.webhook_id == webhook_id]
 
+    def delete_message(self, url: str, message_id: str) -> None:
+        """What a moderator deleting the message in the Discord client does."""
+        webhook = self.webhooks[_webhook_id(url)]
+        with self._lock:
+            del webhook.messages[message_id]
+
     def messages_for(self, url: str) -> list[dict[str, Any]]:
         """Messages the webhook holds now, in creation order (edits applied)."""
         webhook = self.webhooks[_webhook_id(url)]

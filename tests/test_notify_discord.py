@@ -230,6 +230,22 @@ async def test_edit_and_post_edits_and_posts_and_unknown_alerts_are_posted(
     assert messages[0]["embeds"][0]["title"] == "[RESOLVED] HighErrorRate"
 
 
+async def test_a_deleted_firing_message_makes_the_resolve_a_new_post(
+    fake_discord: FakeDiscord, make_notifier: Factory
+) -> None:
+    url = fake_discord.add_webhook()
+    notifier = make_notifier(url, on_resolve="edit")
+    firing = await notifier.send(notification([alert()]), attempt("d-firing"))
+    fake_discord.delete_message(url, firing.message_ids[0])
+
+    resolved = await notifier.send(notification([alert(status="resolved")]), attempt("d-resolved"))
+
+    [message] = fake_discord.messages_for(url)
+    assert [r.status for r in fake_discord.requests_for(url)] == [200, 404, 200]
+    assert resolved.message_ids == [message["id"]]
+    assert message["embeds"][0]["title"] == "[RESOLVED] HighErrorRate"
+
+
 async def test_a_retried_delivery_does_not_post_messages_twice(
     fake_discord: FakeDiscord, make_notifier: Factory
 ) -> None:

@@ -311,7 +311,18 @@ class DiscordNotifier:
                 # The resolved embeds are longer than the firing ones were; post them anew.
                 continue
             body = {"embeds": embeds, "allowed_mentions": allowed_mentions()}
-            await self._request("PATCH", self._message_url(message_id), body)
+            try:
+                await self._request("PATCH", self._message_url(message_id), body)
+            except DeliveryError as error:
+                if error.status != 404:
+                    raise
+                # Someone deleted the firing message: the resolved alerts are posted anew.
+                logger.info(
+                    "Discord destination %s: message %s is gone, posting instead of editing",
+                    self.name,
+                    message_id,
+                )
+                continue
             self._edited.inc()
             await self._state.set(key, json.dumps(record), ttl=MESSAGE_RECORD_TTL)
             edited.update(alert.fingerprint for alert in alerts)
