@@ -216,3 +216,13 @@ def test_many_mentions_are_kept_whole_within_the_content_limit() -> None:
     assert 80 < len(first.mention_roles) + len(first.mention_users) < 200
     assert messages[1].mention_roles == []
     assert validate_message(first.body(), require_content=True) is None
+
+
+def test_an_enormous_summary_is_cut_inside_its_bold_markers() -> None:
+    payload = notification([alert(annotations={"summary": "s" * 9000, "description": "d" * 9000})])
+
+    [message] = render_messages(payload, config(), now=NOW)
+
+    description = message.embeds[0]["description"]
+    assert description.startswith("**" + "s" * 999 + "…**\n")
+    assert text_length(description) <= 4096

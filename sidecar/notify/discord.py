@@ -228,7 +228,8 @@ class DiscordNotifier:
             sent_key = f"discord:{self.name}:sent:{attempt.delivery_id}:{index}"
             already = await self._state.get(sent_key)
             if already is not None:
-                message_ids.append(json.loads(already))
+                if previous_id := json.loads(already):
+                    message_ids.append(previous_id)
                 continue
             answer = await self._request("POST", self._execute_url(), self._body(message))
             message_id = str(answer.get("id", ""))
