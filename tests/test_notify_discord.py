@@ -553,6 +553,39 @@ async def test_a_429_without_a_body_uses_the_retry_after_header(
     assert failure.value.retry_after == 3.0
 
 
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"retry_after": "NaN"}, 1.0),
+        ({"retry_after": 1e12}, 3600.0),
+        ({"retry_after": "soon"}, 1.0),
+    ],
+)
+async def test_a_nonsensical_retry_after_is_bounded(
+    fake_discord: FakeDiscord, make_notifier: Factory, body: dict[str, Any], expected: float
+) -> None:
+    url = fake_discord.add_webhook()
+    notifier = make_notifier(url, max_rate_limit_wait="0s")
+    fake_discord.inject(url, 429, {"message": "rate limited", "global": False, **body})
+
+    with pytest.raises(DeliveryError) as failure:
+        await notifier.send(notification([alert()]), attempt())
+
+    assert failure.value.retry_after == expected
+
+
+async def test_a_negative_retry_after_means_retry_at_once(
+    fake_discord: FakeDiscord, make_notifier: Factory
+) -> None:
+    url = fake_discord.add_webhook()
+    notifier = make_notifier(url, max_rate_limit_wait="0s")
+    fake_discord.inject(url, 429, {"message": "rate limited", "global": False, "retry_after": -5})
+
+    await notifier.send(notification([alert()]), attempt())
+
+    assert [r.status for r in fake_discord.requests_for(url)] == [429, 200]
+
+
 async def test_a_shared_scope_429_is_counted_as_shared(
     fake_discord: FakeDiscord, make_notifier: Factory, registry: CollectorRegistry
 ) -> None:

@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
@@ -52,6 +53,7 @@ MESSAGE_RECORD_TTL = 7 * 86400.0
 # Long enough to outlive every retry of one delivery.
 SENT_RECORD_TTL = 2 * 86400.0
 ERROR_BODY_LIMIT = 1000
+MAX_RETRY_AFTER = 3600.0
 
 
 class MentionTargets(Section):
@@ -398,6 +400,10 @@ class DiscordNotifier:
             retry_after = float(body.get("retry_after") or response.headers.get("Retry-After", 1))
         except (TypeError, ValueError):
             retry_after = 1.0
+        if not math.isfinite(retry_after):
+            retry_after = 1.0
+        # A nonsensical answer must not park the destination for days.
+        retry_after = min(max(retry_after, 0.0), MAX_RETRY_AFTER)
         if response.headers.get("X-RateLimit-Scope") == "shared":
             scope = "shared"
         elif body.get("global") or response.headers.get("X-RateLimit-Global") == "true":
@@ -411,7 +417,7 @@ class DiscordNotifier:
             scope,
             retry_after,
         )
-        return max(retry_after, 0.0)
+        return retry_after
 
     def _refusal(self, response: httpx.Response) -> DeliveryError:
         status = response.status_code
