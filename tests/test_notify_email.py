@@ -323,6 +323,31 @@ async def test_hostile_alert_text_cannot_inject_headers_or_markup(
     assert 'href="javascript' not in html
 
 
+async def test_a_relative_ca_file_is_read_next_to_the_configuration(
+    starttls_server: SmtpServer, certificates: Certificates, registry: CollectorRegistry
+) -> None:
+    config = EmailDestination.model_validate(
+        {
+            "name": "ops-mail",
+            "kind": "email",
+            "smarthost": "127.0.0.1",
+            "port": starttls_server.port,
+            "sender": "alerts@example.org",
+            "to": ["ops@example.org"],
+            "username": USERNAME,
+            "password": PASSWORD,
+            "ca_file": certificates.ca.name,
+        },
+        context={"base_dir": certificates.ca.parent},
+    )
+    notifier = EmailNotifier(config, state=MemoryState(), registry=registry)
+
+    await notifier.send(notification([alert()]), attempt())
+
+    assert config.ca_file == certificates.ca
+    assert len(starttls_server.mailbox.messages) == 1
+
+
 def test_templates_from_files_are_used(tmp_path: Path) -> None:
     (tmp_path / "subject.j2").write_text(
         "{{ notification.alerts|length }} alerts for {{ notification.receiver }}"

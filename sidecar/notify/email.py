@@ -29,7 +29,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import aiosmtplib
 from prometheus_client import CollectorRegistry
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
 from sidecar.alerts.payload import Alert, Notification
 from sidecar.fields import Duration, Secret, is_loopback_host
@@ -116,7 +116,8 @@ class EmailDestination(DestinationConfig):
     TLS from the start (port 465); `none` sends in clear text."""
 
     ca_file: Path | None = None
-    """CA certificates (PEM) to verify the server with, instead of the system's."""
+    """CA certificates (PEM) to verify the server with, instead of the system's (relative to
+    the configuration file)."""
 
     username: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     """Login name for SMTP AUTH; needs `password`."""
@@ -152,7 +153,11 @@ class EmailDestination(DestinationConfig):
 
     @field_validator("ca_file")
     @classmethod
-    def _check_ca_file(cls, value: Path | None) -> Path | None:
+    def _check_ca_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        base_dir = (info.context or {}).get("base_dir")
+        if value is not None and base_dir is not None and not value.is_absolute():
+            # Like secret and template files: relative to the configuration file.
+            value = Path(base_dir) / value
         if value is not None:
             try:
                 ssl.create_default_context(cafile=str(value))
