@@ -282,6 +282,7 @@ async def test_a_retried_delivery_does_not_post_messages_twice(
 async def test_client_errors_are_permanent_and_say_what_discord_answered(
     fake_discord: FakeDiscord,
     make_notifier: Factory,
+    caplog: pytest.LogCaptureFixture,
     status: int,
     body: dict[str, Any],
     fragment: str,
@@ -290,9 +291,15 @@ async def test_client_errors_are_permanent_and_say_what_discord_answered(
     notifier = make_notifier(url)
     fake_discord.inject(url, status, body)
 
-    with pytest.raises(DeliveryError) as failure:
+    with (
+        caplog.at_level(logging.WARNING, logger="sidecar"),
+        pytest.raises(DeliveryError) as failure,
+    ):
         await notifier.send(notification([alert()]), attempt())
 
+    [record] = [r for r in caplog.records if r.name == "sidecar.notify.discord"]
+    assert record.levelno == (logging.ERROR if status == 400 else logging.WARNING)
+    assert body["message"] in record.getMessage()
     assert not failure.value.retryable
     assert failure.value.status == status
     assert fragment in failure.value.reason

@@ -433,7 +433,11 @@ class DiscordNotifier:
             404: "the Discord webhook or message does not exist (deleted?); check webhook_url",
         }
         reason = reasons.get(status, f"Discord refused the request with {status}")
-        logger.error("Discord destination %s: %s (%d): %s", self.name, reason, status, text)
+        # A 400 means we built something Discord refuses: its body names the field, so it is
+        # logged as an error for the developers; other refusals are the operator's to fix
+        # and reach them through the dispatcher's dead letters.
+        level = logging.ERROR if status == 400 else logging.WARNING
+        logger.log(level, "Discord destination %s: %s (%d): %s", self.name, reason, status, text)
         return DeliveryError(f"{reason} ({status}): {text}", retryable=False, status=status)
 
 
