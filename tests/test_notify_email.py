@@ -370,3 +370,21 @@ def test_templates_from_files_are_used(tmp_path: Path) -> None:
 
     message = render_email(notification([alert(), alert(index=1)]), config, now=NOW)
     assert message["Subject"] == "2 alerts for ops"
+
+
+async def test_non_latin_text_survives_the_trip_through_smtp(
+    plain_server: SmtpServer, registry: CollectorRegistry
+) -> None:
+    payload = notification(
+        [alert(name="ディスク容量不足", annotations={"summary": "Диск почти заполнен 💾"})]
+    )
+    notifier = notifier_for(plain_server.port, registry, tls="none")
+
+    await notifier.send(payload, attempt())
+
+    [received] = plain_server.mailbox.messages
+    assert received.content.isascii()
+    message = parsed(received.content)
+    assert message["Subject"] == "[FIRING:1] ディスク容量不足"
+    text = message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert "Диск почти заполнен 💾" in text
