@@ -616,3 +616,15 @@ async def test_a_shared_scope_429_is_counted_as_shared(
         )
         == 1
     )
+
+
+async def test_a_notification_without_alerts_sends_nothing(
+    fake_discord: FakeDiscord, make_notifier: Factory
+) -> None:
+    url = fake_discord.add_webhook()
+    empty = notification([alert()]).model_copy(update={"alerts": []})
+
+    delivered = await make_notifier(url).send(empty, attempt())
+
+    assert delivered.message_ids == []
+    assert fake_discord.requests_for(url) == []
