@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.fake_discord import FakeDiscord
 from tests.harness import PrometheusServer, RedisServer
 
 
@@ -31,3 +32,11 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 def registry() -> CollectorRegistry:
     """A fresh registry, so no test sees another's metrics."""
     return CollectorRegistry()
+
+
+@pytest.fixture(scope="session")
+def fake_discord() -> Iterator[FakeDiscord]:
+    """One fake Discord API for the run; each test adds its own webhook (its own bucket)."""
+    server = FakeDiscord().start()
+    yield server
+    server.stop()
