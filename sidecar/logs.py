@@ -98,3 +98,7 @@ def configure_logging(
         logger.propagate = True
     quiet = logging.DEBUG if level.lower() == "debug" else logging.WARNING
     logging.getLogger("uvicorn.error").setLevel(quiet)
+    # httpx logs every request with its full URL, and a Discord webhook URL is a credential.
+    # The filter would redact it; keeping those lines at WARNING avoids producing them at all.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
