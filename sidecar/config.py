@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from sidecar.errors import ConfigError
 from sidecar.fields import Duration, ListenAddress, Secret, Section
 from sidecar.metrics.config import MetricsConfig
+from sidecar.metrics.ingest_config import IngestConfig
 
 CONFIG_ENV = "SIDECAR_CONFIG"
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
@@ -54,6 +55,9 @@ class Config(Section):
 
     metrics: MetricsConfig = MetricsConfig()
     """Host and process metrics."""
+
+    ingest: IngestConfig = IngestConfig()
+    """Application metrics received over StatsD and OTLP/HTTP."""
 
 
 @dataclass(frozen=True)
