@@ -5,7 +5,10 @@ Contracts:
 - A sample that does not fit is rejected with a reason and never reaches the exposition: the
   same name with another type (``type_conflict``), another label-name set (``label_conflict``),
   or a name that another family's samples already use, such as ``x_count`` next to a histogram
-  ``x`` (``name_conflict``). ``/metrics`` therefore always parses.
+  ``x`` (``name_conflict``). A gauge named like a sample of another type (``_count``, ``_sum``,
+  ``_bucket``, ``_total``) is rejected (``reserved_suffix``). ``/metrics`` therefore always
+  parses, and promtool finds nothing wrong with the names the store lets through except those
+  that break its style lints (camelCase, non-base units), which mappings can rename.
 - New series beyond the per-family or total cap are dropped (``family_limit``,
   ``total_limit``); existing series keep working.
 - A series that got no sample for its TTL is removed; an emptied family is forgotten, so its
@@ -44,6 +47,10 @@ _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 # Names the sidecar's own metrics use; an application may not write into them.
 RESERVED_PREFIX = "sidecar_"
+# OpenMetrics gives these suffixes to the samples of counters, histograms and summaries; a
+# family of another type named with one is ambiguous, and promtool flags it.
+_NON_COUNTER_SUFFIXES = ("_total", "_created")
+_GAUGE_SUFFIXES = ("_count", "_sum", "_bucket")
 _SPECIAL_VALUES = {"inf": "+Inf", "-inf": "-Inf", "nan": "NaN"}
 
 
@@ -301,6 +308,10 @@ class Store:
             return "invalid_name"
         if name.startswith(RESERVED_PREFIX):
             return "reserved_name"
+        if kind != COUNTER and name.endswith(_NON_COUNTER_SUFFIXES):
+            return "reserved_suffix"
+        if kind == GAUGE and name.endswith(_GAUGE_SUFFIXES):
+            return "reserved_suffix"
         for label in labels:
             if not _LABEL.fullmatch(label) or label.startswith("__"):
                 return "invalid_label"
