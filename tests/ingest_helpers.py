@@ -48,11 +48,9 @@ def value(text: str, name: str, **labels: str) -> float | None:
     return samples(text).get((name, tuple(sorted(labels.items()))))
 
 
-async def poll(
-    condition: Callable[[], Awaitable[Any]], timeout: float = 10.0, what: str = ""
-) -> Any:
-    """Await ``condition`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
+async def poll(condition: Callable[[], Awaitable[Any]], limit: float = 10.0, what: str = "") -> Any:
+    """Await ``condition`` until it returns something truthy; fail after ``limit`` seconds."""
+    deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         result = await condition()
         if result:

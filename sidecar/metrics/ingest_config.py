@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from sidecar.fields import Duration, ListenAddress, Section, Size
 
@@ -89,8 +89,12 @@ class StatsdMapping(Section):
                 raise ValueError(f"match is not a valid regular expression: {error}") from None
         elif not re.fullmatch(r"[a-zA-Z0-9_.*:-]+", self.match):
             raise ValueError("a glob may only hold letters, digits, '_', '-', ':', '.' and '*'")
-        _check_buckets(self.buckets)
         return self
+
+    @field_validator("buckets")
+    @classmethod
+    def _buckets(cls, value: list[float] | None) -> list[float] | None:
+        return _check_buckets(value)
 
 
 class StatsdConfig(Section):
@@ -116,10 +120,11 @@ class StatsdConfig(Section):
     """Rules applied in order; the first that matches a name decides it. Unmatched names are
     turned into valid Prometheus names (invalid characters become `_`)."""
 
-    @model_validator(mode="after")
-    def _buckets(self) -> Self:
-        _check_buckets(self.timer_buckets)
-        return self
+    @field_validator("timer_buckets")
+    @classmethod
+    def _buckets(cls, value: list[float]) -> list[float]:
+        _check_buckets(value)
+        return value
 
 
 class OtlpConfig(Section):
