@@ -103,6 +103,11 @@ class SidecarProcess:
         server = dict(config.get("server", {}))
         server.setdefault("listen", f"127.0.0.1:{self.port}")
         config["server"] = server
+        # The StatsD and OTLP listeners take free ports, so that sidecars can run side by side.
+        ingest = dict(config.get("ingest", {}))
+        ingest["statsd"] = {"listen": "127.0.0.1:0", **ingest.get("statsd", {})}
+        ingest["otlp"] = {"listen": f"127.0.0.1:{free_port()}", **ingest.get("otlp", {})}
+        config["ingest"] = ingest
         self.config_path = workdir / f"sidecar-{self.port}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.args = args or []
@@ -171,20 +176,20 @@ class PrometheusServer:
 
     def start(self) -> PrometheusServer:
         self.write_config()
-        log = (self.workdir / "prometheus.log").open("ab")
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                f"--config.file={self.config_path}",
-                f"--storage.tsdb.path={self.workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                f"--web.external-url={self.url}",
-                "--web.enable-lifecycle",
-                "--rules.alert.resend-delay=1s",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with (self.workdir / "prometheus.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    self.binary,
+                    f"--config.file={self.config_path}",
+                    f"--storage.tsdb.path={self.workdir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    f"--web.external-url={self.url}",
+                    "--web.enable-lifecycle",
+                    "--rules.alert.resend-delay=1s",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         wait_until(
             lambda: httpx.get(self.url + "/-/ready", timeout=2).status_code == 200,
             timeout=30,

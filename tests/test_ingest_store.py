@@ -259,3 +259,23 @@ def test_concurrent_writes_and_scrapes_always_render_consistent_histograms() -> 
         writer.join()
 
     assert problems == []
+
+
+def test_a_flexible_family_takes_series_with_different_label_names() -> None:
+    store = Store()
+    with store.lock:
+        first = store.series(GAUGE, "target_info", {"job": "a"}, flexible=True)
+        second = store.series(GAUGE, "target_info", {"job": "b", "region": "x"}, flexible=True)
+        again = store.series(GAUGE, "target_info", {"job": "a"}, flexible=True)
+        bad = store.series(GAUGE, "target_info", {"__bad": "x"}, flexible=True)
+    assert isinstance(first, Series)
+    assert isinstance(second, Series)
+    first.value = second.value = 1
+
+    assert again is first
+    assert bad == "invalid_label"
+    assert samples(store.render().decode()) == {
+        ("target_info", (("job", "a"),)): 1,
+        ("target_info", (("job", "b"), ("region", "x"))): 1,
+    }
+    assert promtool_findings(store.render()) == ""

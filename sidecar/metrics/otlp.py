@@ -360,9 +360,11 @@ class OtlpReceiver:
                 "target_info",
                 labels,
                 help="Target metadata: resource attributes of OTLP senders.",
+                flexible=True,
             )
             if isinstance(series, str):
-                outcome.reject(series, "target_info")
+                # Not a data point of the export, so not part of partial_success; counted.
+                self._stats.add("otlp", 0, {"target_info_" + series: 1})
                 return
             series.value = 1.0
             series.updated = self._store.clock()

@@ -29,13 +29,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 COUNTER = "counter"
@@ -86,6 +82,7 @@ class Series:
         "count",
         "expires_after",
         "family",
+        "label_names",
         "label_values",
         "prefixes",
         "quantiles",
@@ -94,8 +91,15 @@ class Series:
         "value",
     )
 
-    def __init__(self, family: Family, label_values: tuple[str, ...], expires_after: float) -> None:
+    def __init__(
+        self,
+        family: Family,
+        label_names: tuple[str, ...],
+        label_values: tuple[str, ...],
+        expires_after: float,
+    ) -> None:
         self.family = family
+        self.label_names = label_names
         self.label_values = label_values
         self.expires_after = expires_after
         self.updated = time.monotonic()
@@ -111,7 +115,7 @@ class Series:
 
     def _build_prefixes(self) -> None:
         family = self.family
-        names, values = family.label_names, self.label_values
+        names, values = self.label_names, self.label_values
         if family.kind == COUNTER:
             self.prefixes = [f"{family.name}_total{_label_text(names, values)} "]
         elif family.kind == GAUGE:
@@ -188,7 +192,8 @@ class Family:
     help: str
     label_names: tuple[str, ...]
     claims: tuple[str, ...]
-    series: dict[tuple[str, ...], Series] = field(default_factory=dict)
+    flexible: bool = False  # series may differ in label names (target_info)
+    series: dict[tuple[Any, ...], Series] = field(default_factory=dict)
     headers: tuple[str, str] = ("", "")  # (text 0.0.4, OpenMetrics)
 
     def __post_init__(self) -> None:
@@ -208,6 +213,15 @@ def _claims(name: str, kind: str) -> tuple[str, ...]:
     if kind == SUMMARY:
         return (name, name + "_count", name + "_sum", name + "_created")
     return (name,)
+
+
+def _check_labels(kind: str, labels: Mapping[str, str]) -> str:
+    for label in labels:
+        if not _LABEL.fullmatch(label) or label.startswith("__"):
+            return "invalid_label"
+        if (kind == HISTOGRAM and label == "le") or (kind == SUMMARY and label == "quantile"):
+            return "invalid_label"
+    return ""
 
 
 def family_name(name: str, kind: str) -> str:
@@ -261,11 +275,13 @@ class Store:
         help: str = "",
         ttl: float | None = None,
         bounds: Sequence[float] | None = None,
+        flexible: bool = False,
     ) -> Series | str:
         """Return the series for ``name`` and ``labels``, creating it, or a rejection reason.
 
         Call with ``self.lock`` held. ``name`` is the family name (a counter's ``_total`` is
-        stripped). ``bounds`` are a new histogram series' bucket bounds.
+        stripped). ``bounds`` are a new histogram series' bucket bounds. A ``flexible`` family
+        lets its series have different label names, as ``target_info`` needs.
         """
         family = self._families.get(name)
         if family is None:
@@ -276,12 +292,19 @@ class Store:
         else:
             if family.kind != kind:
                 return "type_conflict"
-            label_names = family.label_names
-            if len(labels) != len(label_names) or any(n not in labels for n in label_names):
-                return "label_conflict"
+            if family.flexible:
+                label_names = tuple(sorted(labels))
+                reason = _check_labels(kind, labels)
+                if reason:
+                    return reason
+            else:
+                label_names = family.label_names
+                if len(labels) != len(label_names) or any(n not in labels for n in label_names):
+                    return "label_conflict"
         values = tuple(labels[n] for n in label_names)
+        key: tuple[Any, ...] = (label_names, values) if flexible else values
         if family is not None:
-            existing = family.series.get(values)
+            existing = family.series.get(key)
             if existing is not None:
                 return existing
             if len(family.series) >= self.max_series_per_family:
@@ -292,14 +315,14 @@ class Store:
             return "total_limit"
         if family is None:
             text = help or f"Application metric {name}."
-            family = Family(name, kind, text, label_names, _claims(name, kind))
+            family = Family(name, kind, text, label_names, _claims(name, kind), flexible)
             self._families[name] = family
             for claim in family.claims:
                 self._claimed[claim] = family
-        series = Series(family, values, self.ttl if ttl is None else ttl)
+        series = Series(family, label_names, values, self.ttl if ttl is None else ttl)
         if kind == HISTOGRAM:
             series.set_bounds(tuple(bounds or ()))
-        family.series[values] = series
+        family.series[key] = series
         self._series_count += 1
         return series
 
@@ -312,11 +335,9 @@ class Store:
             return "reserved_suffix"
         if kind == GAUGE and name.endswith(_GAUGE_SUFFIXES):
             return "reserved_suffix"
-        for label in labels:
-            if not _LABEL.fullmatch(label) or label.startswith("__"):
-                return "invalid_label"
-            if (kind == HISTOGRAM and label == "le") or (kind == SUMMARY and label == "quantile"):
-                return "invalid_label"
+        reason = _check_labels(kind, labels)
+        if reason:
+            return reason
         if any(claim in self._claimed for claim in _claims(name, kind)):
             return "name_conflict"
         return ""
@@ -373,33 +394,27 @@ class Store:
 
 
 def _to_metric(family: Family) -> Metric:
-    labels = list(family.label_names)
-    metric: Metric
-    if family.kind == COUNTER:
-        metric = CounterMetricFamily(family.name, family.help, labels=labels)
-        for series in family.series.values():
-            metric.add_metric(list(series.label_values), series.value)
-    elif family.kind == GAUGE:
-        metric = GaugeMetricFamily(family.name, family.help, labels=labels)
-        for series in family.series.values():
-            metric.add_metric(list(series.label_values), series.value)
-    elif family.kind == HISTOGRAM:
-        metric = HistogramMetricFamily(family.name, family.help, labels=labels)
-        for series in family.series.values():
+    name = family.name
+    metric = Metric(name, family.help, family.kind)
+    for series in family.series.values():
+        labels = dict(zip(series.label_names, series.label_values, strict=True))
+        if family.kind == COUNTER:
+            metric.add_sample(name + "_total", labels, series.value)
+        elif family.kind == GAUGE:
+            metric.add_sample(name, labels, series.value)
+        elif family.kind == HISTOGRAM:
             cumulative = 0.0
-            buckets = []
             for bound, count in zip((*series.bounds, math.inf), series.buckets, strict=True):
                 cumulative += count
-                buckets.append((format_value(float(bound)), cumulative))
-            metric.add_metric(list(series.label_values), buckets, series.sum)
-    else:
-        metric = Metric(family.name, family.help, SUMMARY)
-        for series in family.series.values():
-            base = dict(zip(family.label_names, series.label_values, strict=True))
-            for quantile, value in series.quantiles:
-                metric.add_sample(family.name, {**base, "quantile": format_value(quantile)}, value)
-            metric.add_sample(family.name + "_count", base, series.count)
-            metric.add_sample(family.name + "_sum", base, series.sum)
+                le = format_value(float(bound))
+                metric.add_sample(name + "_bucket", {**labels, "le": le}, cumulative)
+            metric.add_sample(name + "_count", labels, series.count)
+            metric.add_sample(name + "_sum", labels, series.sum)
+        else:
+            for quantile, number in series.quantiles:
+                metric.add_sample(name, {**labels, "quantile": format_value(quantile)}, number)
+            metric.add_sample(name + "_count", labels, series.count)
+            metric.add_sample(name + "_sum", labels, series.sum)
     return metric
 
 
