@@ -240,9 +240,9 @@ def test_partial_success_counts_rejected_points_and_keeps_the_good_ones(
     assert value(text, "partial_good", job="raw") == 4
     assert value(text, "partial_kind", job="raw") == 1
     for reason in ("type_conflict", "invalid_histogram", "delta_exponential_histogram"):
-        assert value(
-            text, "sidecar_ingest_rejected_samples_total", source="otlp", reason=reason
-        ), reason
+        assert value(text, "sidecar_ingest_rejected_samples_total", source="otlp", reason=reason), (
+            reason
+        )
 
 
 def test_json_bodies_and_gzip_are_accepted(sidecar: SidecarProcess) -> None:
@@ -285,7 +285,9 @@ def test_summary_and_cumulative_exponential_histogram_are_converted(
     response = _post(sidecar, _request(summary, exponential).SerializeToString(), PROTOBUF)
 
     assert response.status_code == 200
-    assert not ExportMetricsServiceResponse.FromString(response.content).partial_success.ListFields()
+    assert not ExportMetricsServiceResponse.FromString(
+        response.content
+    ).partial_success.ListFields()
     text = _metrics(sidecar)
     assert value(text, "rpc_size_bytes", job="raw", quantile="0.99") == 40
     assert value(text, "rpc_size_bytes_count", job="raw") == 4

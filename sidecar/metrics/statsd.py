@@ -19,9 +19,9 @@ import errno
 import logging
 import math
 import socket
+import sys
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -46,14 +46,34 @@ _KINDS = {b"c": COUNTER, b"g": GAUGE, b"ms": HISTOGRAM, b"h": HISTOGRAM, b"d": H
 _MAPPING_KINDS = {COUNTER: "counter", GAUGE: "gauge", HISTOGRAM: "observer"}
 _RESOLVED_CACHE_SIZE = 100_000
 _MAX_TCP_LINE = 64 * 1024
+# Python's socket module does not export SO_RCVBUFFORCE; this is its value on Linux.
+_LINUX_SO_RCVBUFFORCE = 33 if sys.platform == "linux" else None
 _UDP_READ_SIZE = 65535
+_DRAIN_LIMIT = 256
+
+
+class _Target:
+    """What lines with one name and one text after the value mean: a series and how to apply."""
+
+    __slots__ = ("factor", "kind", "scale", "series")
+
+    def __init__(self, series: Series, kind: int, factor: float, scale: float) -> None:
+        self.series = series
+        self.kind = kind  # _COUNTER, _GAUGE or _OBSERVER
+        self.factor = factor  # 1 / sample rate
+        self.scale = scale  # 0.001 for `ms`, so that timers are observed in seconds
+
+
+_COUNTER, _GAUGE, _OBSERVER = 0, 1, 2
+_KIND_CODES = {COUNTER: _COUNTER, GAUGE: _GAUGE, HISTOGRAM: _OBSERVER}
+_INF = math.inf
 
 
 class StatsdIngest:
     """Parses StatsD lines and applies them to the store.
 
-    Calls come from one thread (the event loop); the store lock is held per datagram, so a
-    scrape sees whole datagrams.
+    Calls come from one thread (the event loop); the store lock is held per batch of
+    datagrams, so a scrape sees whole datagrams.
     """
 
     def __init__(
@@ -64,59 +84,94 @@ class StatsdIngest:
         timer_buckets: Iterable[float],
     ) -> None:
         self._store = store
-        self._stats = stats
         self._mapper = mapper
         self._timer_buckets = tuple(timer_buckets)
-        # (name, type, tags) as received -> (series, is_timer_in_ms). Resolving a name costs
-        # decoding, mapping and a store lookup; a hit costs one dict lookup.
-        self._resolved: dict[tuple[bytes, bytes, bytes], tuple[Series, bool]] = {}
+        # (name, text after the value) -> target. Resolving costs parsing the type, rate and
+        # tags, decoding, mapping and a store lookup; a hit costs one dict lookup. Lines with a
+        # DogStatsD timestamp miss every time (the timestamp is part of the key) but still work.
+        self._resolved: dict[tuple[bytes, bytes], _Target] = {}
         self.datagrams = 0
+        self.accepted = 0
+        self.rejected: dict[str, int] = {}
         self.rejected_total = 0
+        stats.add_reader("statsd", self._counts)
+
+    def _counts(self) -> tuple[int, dict[str, int]]:
+        return self.accepted, dict(self.rejected)
 
     def handle_datagram(self, data: bytes) -> None:
         """Apply every line of one datagram; count what was applied and what was rejected."""
-        self.datagrams += 1
+        self.handle_batch((data,))
+
+    def handle_batch(self, datagrams: Sequence[bytes]) -> None:
+        """Apply every line of several datagrams under one acquisition of the store lock."""
         accepted = 0
-        rejected: dict[str, int] | None = None
         now = time.monotonic()
+        resolved = self._resolved
         with self._store.lock:
-            for line in data.split(b"\n"):
-                if not line:
-                    continue
-                reason = self._apply(line, now)
-                if reason is None:
+            for data in datagrams:
+                for line in data.split(b"\n"):
+                    if not line:
+                        continue
+                    name, separator, rest = line.partition(b":")
+                    value_text, _, tail = rest.partition(b"|")
+                    target = resolved.get((name, tail))
+                    if target is None or not target.series.alive:
+                        found = self._resolve_line(name, separator, tail)
+                        if isinstance(found, str):
+                            self._reject(line, found)
+                            continue
+                        target = found
+                    try:
+                        value = float(value_text)
+                    except ValueError:
+                        self._reject(line, "invalid_value")
+                        continue
+                    series = target.series
+                    kind = target.kind
+                    if kind == _COUNTER:
+                        if not 0.0 <= value < _INF:
+                            self._reject(line, "invalid_value")
+                            continue
+                        series.value += value * target.factor
+                    elif kind == _GAUGE:
+                        sign = value_text[:1]
+                        if sign == b"+" or sign == b"-":
+                            series.value += value
+                        else:
+                            series.value = value
+                    else:
+                        if value != value:  # NaN cannot be placed in a bucket
+                            self._reject(line, "invalid_value")
+                            continue
+                        series.observe(value * target.scale, target.factor)
+                    series.updated = now
                     accepted += 1
-                    continue
-                if rejected is None:
-                    rejected = {}
-                rejected[reason] = rejected.get(reason, 0) + 1
-                self._log_rejected(line, reason)
-        self._stats.add("statsd", accepted, rejected)
+        self.datagrams += len(datagrams)
+        self.accepted += accepted
 
     def count_rejected(self, reason: str) -> None:
         """Count input rejected before it became a line (a TCP line past the length limit)."""
         self.rejected_total += 1
-        self._stats.add("statsd", 0, {reason: 1})
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
-    def _log_rejected(self, line: bytes, reason: str) -> None:
-        self.rejected_total += 1
+    def _reject(self, line: bytes, reason: str) -> None:
+        self.count_rejected(reason)
         count = self.rejected_total
         # The first few and then one in a thousand: enough to debug, never a flood.
         if (count <= 10 or count % 1000 == 0) and logger.isEnabledFor(logging.DEBUG):
             logger.debug("rejected statsd line (%s): %r", reason, line[:200])
 
-    def _apply(self, line: bytes, now: float) -> str | None:
-        name, separator, rest = line.partition(b":")
+    def _resolve_line(self, name: bytes, separator: bytes, tail: bytes) -> _Target | str:
         if not separator or not name:
             return "malformed"
-        fields = rest.split(b"|")
-        if len(fields) < 2:
+        fields = tail.split(b"|")
+        type_text = fields[0].strip()
+        if not type_text:
             return "malformed"
-        value_text = fields[0].strip()
-        type_text = fields[1].strip()
         rate = 1.0
         tags = b""
-        for extra in fields[2:]:
+        for extra in fields[1:]:
             marker = extra[:1]
             if marker == b"@":
                 try:
@@ -131,35 +186,16 @@ class StatsdIngest:
                 continue  # DogStatsD timestamp and container id: not labels, not values
             else:
                 return "malformed"
-        try:
-            value = float(value_text)
-        except ValueError:
-            return "invalid_value"
-
-        key = (name, type_text, tags)
-        cached = self._resolved.get(key)
-        if cached is None or not cached[0].alive:
-            resolved = self._resolve(name, type_text, tags)
-            if isinstance(resolved, str):
-                return resolved
-            cached = resolved
-        series, in_milliseconds = cached
-        kind = series.family.kind
-        if kind == COUNTER:
-            if value < 0 or not math.isfinite(value):
-                return "invalid_value"
-            series.value += value / rate
-        elif kind == GAUGE:
-            if value_text[:1] in (b"+", b"-"):
-                series.value += value
-            else:
-                series.value = value
-        else:
-            if math.isnan(value):
-                return "invalid_value"
-            series.observe(value / 1000.0 if in_milliseconds else value, 1.0 / rate)
-        series.updated = now
-        return None
+        found = self._resolve(name, type_text, tags)
+        if isinstance(found, str):
+            return found
+        series, in_milliseconds = found
+        kind = _KIND_CODES[series.family.kind]
+        target = _Target(series, kind, 1.0 / rate, 0.001 if in_milliseconds else 1.0)
+        if len(self._resolved) >= _RESOLVED_CACHE_SIZE:
+            self._resolved.clear()
+        self._resolved[(name, tail)] = target
+        return target
 
     def _resolve(self, name: bytes, type_text: bytes, tags: bytes) -> tuple[Series, bool] | str:
         kind = _KINDS.get(type_text)
@@ -192,22 +228,7 @@ class StatsdIngest:
         )
         if isinstance(series, str):
             return series
-        if len(self._resolved) >= _RESOLVED_CACHE_SIZE:
-            self._resolved.clear()
-        result = (series, type_text == b"ms")
-        self._resolved[(name, type_text, tags)] = result
-        return result
-
-
-class _DatagramProtocol(asyncio.DatagramProtocol):
-    def __init__(self, ingest: StatsdIngest) -> None:
-        self._ingest = ingest
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self._ingest.handle_datagram(data)
-
-    def error_received(self, exc: Exception) -> None:
-        logger.warning("statsd socket error: %s", exc)
+        return series, type_text == b"ms"
 
 
 def open_udp_socket(address: str, receive_buffer: int) -> tuple[socket.socket, int]:
@@ -227,7 +248,7 @@ def open_udp_socket(address: str, receive_buffer: int) -> tuple[socket.socket, i
     sock = socket.socket(family, kind, proto)
     try:
         if receive_buffer:
-            force = getattr(socket, "SO_RCVBUFFORCE", None)
+            force = getattr(socket, "SO_RCVBUFFORCE", _LINUX_SO_RCVBUFFORCE)
             try:
                 if force is None:
                     raise PermissionError
@@ -254,7 +275,7 @@ class StatsdListener:
         self.receive_buffer = 0
         self.udp_address: tuple[str, int] | None = None
         self.tcp_address: tuple[str, int] | None = None
-        self._transport: asyncio.DatagramTransport | None = None
+        self._socket: socket.socket | None = None
         self._tcp_server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -263,9 +284,10 @@ class StatsdListener:
         sock, self.receive_buffer = open_udp_socket(
             self._config.listen, int(self._config.receive_buffer)
         )
-        self._transport, _ = await loop.create_datagram_endpoint(
-            lambda: _DatagramProtocol(self.ingest), sock=sock
-        )
+        self._socket = sock
+        # A reader callback that drains the socket handles a burst of datagrams per wake-up
+        # and per store-lock acquisition; a datagram protocol pays both for every datagram.
+        loop.add_reader(sock.fileno(), self._drain)
         self.udp_address = sock.getsockname()[:2]
         logger.info(
             "statsd listening on udp %s; asked for a %d-byte receive buffer, kernel granted %d",
@@ -280,16 +302,36 @@ class StatsdListener:
                     self._serve_connection, host, port, limit=_MAX_TCP_LINE
                 )
             except OSError as error:
-                self._transport.close()
+                self._close_udp()
                 raise StartupError(
                     f"cannot listen for statsd on tcp {self._config.tcp_listen}: {error.strerror}"
                 ) from None
             self.tcp_address = self._tcp_server.sockets[0].getsockname()[:2]
             logger.info("statsd listening on tcp %s", self._config.tcp_listen)
 
+    def _drain(self) -> None:
+        assert self._socket is not None
+        receive = self._socket.recv
+        batch: list[bytes] = []
+        try:
+            # Bounded, so that a flood cannot starve the HTTP listeners on the same loop.
+            for _ in range(_DRAIN_LIMIT):
+                batch.append(receive(_UDP_READ_SIZE))
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as error:
+            logger.warning("statsd socket error: %s", error)
+        if batch:
+            self.ingest.handle_batch(batch)
+
+    def _close_udp(self) -> None:
+        if self._socket is not None:
+            asyncio.get_running_loop().remove_reader(self._socket.fileno())
+            self._socket.close()
+            self._socket = None
+
     async def stop(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
+        self._close_udp()
         if self._tcp_server is not None:
             self._tcp_server.close()
             for task in list(self._connections):

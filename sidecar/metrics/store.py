@@ -456,21 +456,39 @@ class StoreCollector(Collector):
 class IngestStats:
     """Accepted and rejected samples per source, for ``sidecar_ingest_*``.
 
-    Writers run on the event loop and worker threads; a lock keeps the counts exact.
+    Sources either call :meth:`add` (thread-safe) or keep their own counts and register a
+    reader, which the hot StatsD path does to avoid a lock per datagram.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.samples: dict[str, int] = {"statsd": 0, "otlp": 0}
-        self.rejected: dict[tuple[str, str], int] = {}
+        self._samples: dict[str, int] = {"statsd": 0, "otlp": 0}
+        self._rejected: dict[tuple[str, str], int] = {}
+        self._readers: list[tuple[str, Callable[[], tuple[int, Mapping[str, int]]]]] = []
 
     def add(self, source: str, accepted: int, rejected: Mapping[str, int] | None = None) -> None:
         """Count ``accepted`` samples and rejections by reason for ``source``."""
         with self.lock:
-            self.samples[source] = self.samples.get(source, 0) + accepted
+            self._samples[source] = self._samples.get(source, 0) + accepted
             for reason, count in (rejected or {}).items():
                 key = (source, reason)
-                self.rejected[key] = self.rejected.get(key, 0) + count
+                self._rejected[key] = self._rejected.get(key, 0) + count
+
+    def add_reader(self, source: str, read: Callable[[], tuple[int, Mapping[str, int]]]) -> None:
+        """Count what ``read()`` returns (accepted, rejected by reason) for ``source``."""
+        self._readers.append((source, read))
+
+    def snapshot(self) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+        """(accepted per source, rejected per source and reason) right now."""
+        with self.lock:
+            samples = dict(self._samples)
+            rejected = dict(self._rejected)
+        for source, read in self._readers:
+            accepted, reasons = read()
+            samples[source] = samples.get(source, 0) + accepted
+            for reason, count in reasons.items():
+                rejected[(source, reason)] = rejected.get((source, reason), 0) + count
+        return samples, rejected
 
 
 class IngestCollector(Collector):
@@ -480,9 +498,7 @@ class IngestCollector(Collector):
         self._stats = stats
 
     def collect(self) -> Iterable[Metric]:
-        with self._stats.lock:
-            samples = dict(self._stats.samples)
-            rejected = dict(self._stats.rejected)
+        samples, rejected = self._stats.snapshot()
         accepted = CounterMetricFamily(
             "sidecar_ingest_samples",
             "Application samples written to the store, by source.",
