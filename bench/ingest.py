@@ -32,13 +32,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics  # noqa: E402
-from prometheus_client import generate_latest as generate_text  # noqa: E402
-from prometheus_client.openmetrics.exposition import (  # noqa: E402
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client import generate_latest as generate_text
+from prometheus_client.openmetrics.exposition import (
     generate_latest as generate_openmetrics,
 )
 
-from sidecar.metrics.store import COUNTER, GAUGE, Series, Store  # noqa: E402
+from sidecar.metrics.store import COUNTER, GAUGE, Series, Store
 
 SERIES = 10_000
 FAMILIES = 100

@@ -378,7 +378,7 @@ class OtlpReceiver:
         if data == "sum":
             kind = COUNTER if metric.sum.is_monotonic else GAUGE
             points: Any = metric.sum.data_points
-            temporality = metric.sum.aggregation_temporality
+            temporality: int = metric.sum.aggregation_temporality
         elif data == "gauge":
             kind, points, temporality = GAUGE, metric.gauge.data_points, CUMULATIVE
         elif data == "histogram":
@@ -396,8 +396,8 @@ class OtlpReceiver:
         if data == "exponential_histogram" and (
             temporality == DELTA or self._config.exponential_histograms == "reject"
         ):
-            reason = "delta_exponential_histogram" if temporality == DELTA else "unsupported_type"
-            outcome.reject(reason, name, len(points))
+            refusal = "delta_exponential_histogram" if temporality == DELTA else "unsupported_type"
+            outcome.reject(refusal, name, len(points))
             return
         help_text = metric.description or f"OTLP metric {metric.name}."
         store = self._store
@@ -408,12 +408,14 @@ class OtlpReceiver:
                     continue  # a stale marker: nothing to record
                 labels = attribute_labels(point.attributes)
                 labels.update(promoted)
+                counts: list[float] = []
                 if data == "exponential_histogram":
                     converted = exponential_buckets(point)
                     if isinstance(converted, str):
                         outcome.reject(converted, name)
                         continue
                     bounds: tuple[float, ...] = converted[0]
+                    counts = converted[1]
                 else:
                     bounds = tuple(point.explicit_bounds) if kind == HISTOGRAM else ()
                     if kind == HISTOGRAM and not _valid_histogram(bounds, point):
@@ -423,8 +425,9 @@ class OtlpReceiver:
                 if isinstance(series, str):
                     outcome.reject(series, name)
                     continue
+                reason: str | None
                 if data == "exponential_histogram":
-                    reason = _set_histogram(series, converted[0], converted[1], point)
+                    reason = _set_histogram(series, bounds, counts, point)
                 elif kind == HISTOGRAM:
                     reason = _apply_histogram(series, bounds, point, temporality)
                 elif kind == SUMMARY:
