@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -16,6 +17,13 @@ from sidecar.config import parse_config
 from tests.harness import require_tool
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+
+
+def free_udp_port() -> int:
+    """A UDP port on 127.0.0.1 that nothing is bound to right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def ingest_sidecar(ingest: dict[str, Any] | None = None, *, host: bool = False) -> Sidecar:

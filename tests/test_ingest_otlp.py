@@ -36,7 +36,7 @@ from sidecar.errors import ConfigError
 from sidecar.metrics.otlp import label_name, metric_name
 from sidecar.metrics.store import COUNTER, GAUGE, HISTOGRAM
 from tests.harness import PrometheusServer, SidecarProcess, free_port, wait_until
-from tests.ingest_helpers import OPENMETRICS, promtool_findings, samples, value
+from tests.ingest_helpers import OPENMETRICS, free_udp_port, promtool_findings, samples, value
 
 PROTOBUF = {"content-type": "application/x-protobuf"}
 MAX_BODY = 256 * 1024
@@ -46,11 +46,12 @@ MAX_BODY = 256 * 1024
 def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
     """One sidecar process (the real CLI, on uvloop) for every OTLP test of this module."""
     otlp_port = free_port()
+    statsd_port = free_udp_port()
     process = SidecarProcess(
         tmp_path_factory.mktemp("otlp"),
         {
             "ingest": {
-                "statsd": {"listen": "127.0.0.1:0"},
+                "statsd": {"listen": f"127.0.0.1:{statsd_port}"},
                 "otlp": {
                     "listen": f"127.0.0.1:{otlp_port}",
                     "max_body_size": MAX_BODY,
@@ -60,6 +61,7 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess
         },
     ).start()
     process.otlp_url = f"http://127.0.0.1:{otlp_port}"  # type: ignore[attr-defined]
+    process.statsd_port = statsd_port  # type: ignore[attr-defined]
     yield process
     process.stop()
 
@@ -150,6 +152,22 @@ def _observation(number: float) -> Any:
     from opentelemetry.metrics import Observation
 
     return Observation(number)
+
+
+def test_the_running_process_receives_statsd_on_uvloop_and_logs_its_buffer(
+    sidecar: SidecarProcess,
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.sendto(b"process.hits:3|c|#via:udp", ("127.0.0.1", sidecar.statsd_port))  # type: ignore[attr-defined]
+
+    wait_until(
+        lambda: value(_metrics(sidecar), "process_hits_total", via="udp") == 3,
+        what="the datagram in /metrics",
+    )
+    granted = value(_metrics(sidecar), "sidecar_statsd_receive_buffer_bytes")
+    assert granted is not None
+    assert granted >= 4 * 1024 * 1024
+    assert f"kernel granted {int(granted)}" in sidecar.log()
 
 
 def test_prometheus_scrapes_the_received_metrics(
