@@ -3,6 +3,7 @@ Prometheus scraping the result, and hostile or malformed bodies."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import socket
@@ -13,6 +14,8 @@ from typing import Any
 import httpx
 import pytest
 from google.protobuf import json_format
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
@@ -467,3 +470,53 @@ def test_docs_mention_every_ingest_config_key() -> None:
 
 
 _ = (ObservableGauge,)
+
+
+def _post_in_process(body: bytes) -> httpx.Response:
+    from sidecar.metrics.ingest_config import OtlpConfig
+    from sidecar.metrics.otlp import OtlpReceiver
+    from sidecar.metrics.store import IngestStats, Store
+
+    receiver = OtlpReceiver(OtlpConfig(max_body_size=64 * 1024), Store(), IngestStats())
+
+    async def post() -> httpx.Response:
+        transport = httpx.ASGITransport(app=receiver.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://otlp") as client:
+            return await client.post("/v1/metrics", content=body, headers=PROTOBUF)
+
+    return asyncio.run(post())
+
+
+def _valid_body() -> bytes:
+    histogram = metrics_pb2.Metric(name="fuzz.hist", unit="s")
+    histogram.histogram.aggregation_temporality = 1
+    histogram.histogram.data_points.add(
+        count=3, sum=1.5, explicit_bounds=[0.1, 1], bucket_counts=[1, 1, 1]
+    )
+    exponential = metrics_pb2.Metric(name="fuzz.exp")
+    exponential.exponential_histogram.aggregation_temporality = 2
+    point = exponential.exponential_histogram.data_points.add(count=2, scale=3, zero_count=1)
+    point.positive.offset = -2
+    point.positive.bucket_counts.extend([1])
+    summary = metrics_pb2.Metric(name="fuzz.summary")
+    summary.summary.data_points.add(count=1, sum=1).quantile_values.add(quantile=0.5, value=1)
+    return _request(
+        _gauge("fuzz.gauge", 1, k="v"), histogram, exponential, summary
+    ).SerializeToString()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_mutated_and_random_bodies_never_cause_a_server_error(data: st.DataObject) -> None:
+    body = bytearray(_valid_body())
+    for _ in range(data.draw(st.integers(0, 6))):
+        position = data.draw(st.integers(0, len(body) - 1))
+        body[position] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        body = bytearray(data.draw(st.binary(max_size=300)))
+
+    response = _post_in_process(bytes(body))
+
+    assert response.status_code in (200, 400), response.text
+    if response.status_code == 200:
+        ExportMetricsServiceResponse.FromString(response.content)
