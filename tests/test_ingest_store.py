@@ -279,3 +279,16 @@ def test_a_flexible_family_takes_series_with_different_label_names() -> None:
         ("target_info", (("job", "b"), ("region", "x"))): 1,
     }
     assert promtool_findings(store.render()) == ""
+
+
+def test_a_fixed_family_stays_fixed_when_a_later_writer_asks_for_flexible_labels() -> None:
+    store = Store()
+    first = _series(store, GAUGE, "target_info", job="a")
+
+    with store.lock:
+        again = store.series(GAUGE, "target_info", {"job": "a"}, flexible=True)
+        other = store.series(GAUGE, "target_info", {"job": "a", "x": "y"}, flexible=True)
+
+    assert again is first
+    assert other == "label_conflict"
+    assert store.series_count == 1

@@ -302,6 +302,8 @@ class Store:
                 if len(labels) != len(label_names) or any(n not in labels for n in label_names):
                     return "label_conflict"
         values = tuple(labels[n] for n in label_names)
+        if family is not None:
+            flexible = family.flexible  # the family's first writer decided
         key: tuple[Any, ...] = (label_names, values) if flexible else values
         if family is not None:
             existing = family.series.get(key)
