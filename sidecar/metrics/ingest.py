@@ -30,7 +30,7 @@ def build_ingest(sidecar: Sidecar) -> Ingest:
     The store's text goes to ``/metrics`` as a text source (cached label text; far cheaper than
     prometheus_client collectors); its own metrics and the inputs' go to the registry.
     """
-    from sidecar.app import Link, Listener
+    from sidecar.app import Listener
 
     config = sidecar.config.ingest
     store = Store(
@@ -56,8 +56,6 @@ def build_ingest(sidecar: Sidecar) -> Ingest:
     if config.otlp.enabled:
         otlp = OtlpReceiver(config.otlp, store, stats)
         sidecar.registry.register(OtlpCollector(otlp))
+        # No landing-page link: the receiver is on its own listener, not a path of this one.
         sidecar.extra_listeners.append(Listener("otlp", config.otlp.listen, otlp.app))
-        sidecar.links.append(
-            Link(f"http://{config.otlp.listen}/v1/metrics", "OTLP/HTTP metrics receiver (POST)")
-        )
     return Ingest(store, stats, statsd, otlp)
