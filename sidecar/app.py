@@ -26,6 +26,7 @@ from sidecar import __version__
 from sidecar.config import Config
 from sidecar.metrics.exposition import Exposition
 from sidecar.metrics.host import FilesystemSource, host_sources
+from sidecar.metrics.ingest import build_ingest
 from sidecar.metrics.process import ProcessSource
 from sidecar.metrics.sources import Source, SourceCollector
 from sidecar.telemetry import build_telemetry
@@ -91,6 +92,7 @@ class Sidecar:
         )
         self.components.extend(self.telemetry.components)
         self._build_metrics()
+        self._build_ingest()
         self._app: Starlette | None = None
 
     def _build_metrics(self) -> None:
@@ -105,6 +107,9 @@ class Sidecar:
         self.registry.register(SourceCollector(sources))
         self.links.append(Link("/metrics", "Metrics for Prometheus"))
         self.routes.append(Route("/metrics", self.exposition.endpoint, methods=["GET"]))
+
+    def _build_ingest(self) -> None:
+        self.ingest = build_ingest(self)
 
     @property
     def app(self) -> Starlette:

@@ -20,6 +20,7 @@ from sidecar.errors import ConfigError
 from sidecar.fields import Duration, ListenAddress, Secret, Section
 from sidecar.metrics.config import MetricsConfig
 from sidecar.telemetry.config import TelemetryConfig
+from sidecar.metrics.ingest_config import IngestConfig
 
 CONFIG_ENV = "SIDECAR_CONFIG"
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
@@ -59,6 +60,9 @@ class Config(Section):
     # Validated even when absent from the file: the OTEL_* environment variables fill it.
     telemetry: TelemetryConfig = Field(default_factory=dict, validate_default=True)
     """OpenTelemetry push of metrics and alert-pipeline traces over OTLP/HTTP."""
+
+    ingest: IngestConfig = IngestConfig()
+    """Application metrics received over StatsD and OTLP/HTTP."""
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,11 @@ class SidecarProcess:
         server = dict(config.get("server", {}))
         server.setdefault("listen", f"127.0.0.1:{self.port}")
         config["server"] = server
+        # The StatsD and OTLP listeners take free ports, so that sidecars can run side by side.
+        ingest = dict(config.get("ingest", {}))
+        ingest["statsd"] = {"listen": "127.0.0.1:0", **ingest.get("statsd", {})}
+        ingest["otlp"] = {"listen": f"127.0.0.1:{free_port()}", **ingest.get("otlp", {})}
+        config["ingest"] = ingest
         self.config_path = workdir / f"sidecar-{self.port}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.args = args or []
