@@ -150,8 +150,8 @@ def _default(field: FieldInfo) -> str:
         return f"`{_escape(value.pattern)}`"
     if _is_duration(field) and isinstance(value, int | float):
         return f"`{format_duration(value)}`"
-    if isinstance(value, ByteSize):
-        return f"`{value.human_readable(decimal=False)}`"
+    if isinstance(value, int) and _strip(field.annotation) is ByteSize:
+        return f"`{ByteSize(value).human_readable(decimal=False).replace('.0', '')}`"
     if isinstance(value, list | dict) and not value:
         return "`[]`" if isinstance(value, list) else "`{}`"
     if isinstance(value, BaseModel):
@@ -162,7 +162,14 @@ def _default(field: FieldInfo) -> str:
 
 
 def _is_duration(field: FieldInfo) -> bool:
-    return any(getattr(item, "func", None) is parse_duration for item in field.metadata)
+    return _has_validator(field.metadata, parse_duration) or any(
+        get_origin(arg) is Annotated and _has_validator(arg.__metadata__, parse_duration)
+        for arg in get_args(field.annotation)
+    )
+
+
+def _has_validator(metadata: Any, function: Any) -> bool:
+    return any(getattr(item, "func", None) is function for item in metadata)
 
 
 def _escape(text: str) -> str:
