@@ -19,8 +19,8 @@ from pydantic import Field, ValidationError
 from sidecar.errors import ConfigError
 from sidecar.fields import Duration, ListenAddress, Secret, Section
 from sidecar.metrics.config import MetricsConfig
-from sidecar.telemetry.config import TelemetryConfig
 from sidecar.metrics.ingest_config import IngestConfig
+from sidecar.telemetry.config import TelemetryConfig
 
 CONFIG_ENV = "SIDECAR_CONFIG"
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
