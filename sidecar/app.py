@@ -23,6 +23,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from sidecar import __version__
+from sidecar.alerts.pipeline import build_alerts
 from sidecar.config import Config
 from sidecar.metrics.exposition import Exposition
 from sidecar.metrics.host import FilesystemSource, host_sources
@@ -84,6 +85,7 @@ class Sidecar:
     def __post_init__(self) -> None:
         self.exposition = Exposition(self.registry)
         self._build_metrics()
+        self.alerts = build_alerts(self)
         self._app: Starlette | None = None
 
     def _build_metrics(self) -> None:

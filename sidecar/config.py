@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import ValidationError
 
+from sidecar.alerts.config import AlertsConfig
 from sidecar.errors import ConfigError
 from sidecar.fields import Duration, ListenAddress, Secret, Section
 from sidecar.metrics.config import MetricsConfig
@@ -54,6 +55,9 @@ class Config(Section):
 
     metrics: MetricsConfig = MetricsConfig()
     """Host and process metrics."""
+
+    alerts: AlertsConfig = AlertsConfig()
+    """Alertmanager webhook receiver, durable outbox, routing and delivery."""
 
 
 @dataclass(frozen=True)
