@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from sidecar.alerts.routing import parse_matcher
 from sidecar.fields import Duration, Secret, Section, Size
@@ -59,6 +59,17 @@ class AuthConfig(Section):
         return self
 
 
+def _auth_tag(value: object) -> str:
+    return "tag:none" if isinstance(value, str) else "tag:credentials"
+
+
+# Tagged so that errors name `alerts.receiver.auth.basic[0]`, not the union member tried.
+Auth = Annotated[
+    Annotated[Literal["none"], Tag("tag:none")] | Annotated[AuthConfig, Tag("tag:credentials")],
+    Discriminator(_auth_tag),
+]
+
+
 class ReceiverConfig(Section):
     enabled: bool = True
     """Serve the Alertmanager webhook on the main listener."""
@@ -66,7 +77,7 @@ class ReceiverConfig(Section):
     path: Annotated[str, Field(pattern=r"^/[A-Za-z0-9_./-]*$")] = "/alerts"
     """Path of the webhook; `<path>/<receiver>` delivers to that receiver without routing."""
 
-    auth: Literal["none"] | AuthConfig | None = None
+    auth: Auth | None = None
     """`none`, or accepted credentials. Left out, no authentication is required on a loopback
     listener and a non-loopback `server.listen` refuses to start."""
 
