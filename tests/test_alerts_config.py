@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -146,28 +147,12 @@ async def test_outbox_cli_lists_and_retries_dead_letters(tmp_path: Path) -> None
         await client.post("/alerts", json=payload("cli"))
         dead = await poll(lambda: sidecar.alerts.outbox.list("dead"), what="dead letter")
 
-    command = [sys.executable, "-m", "sidecar", "outbox"]
-    listed = subprocess.run(
-        [*command, "list", "--state", "dead", "--config", str(config_path)],
-        capture_output=True,
-        text=True,
-        env=sidecar_env(),
-        check=False,
+    config = str(config_path)
+    listed = await asyncio.to_thread(_outbox_cli, "list", "--state", "dead", "--config", config)
+    retried = await asyncio.to_thread(
+        _outbox_cli, "retry", dead[0].delivery_id, "999999", "--config", config
     )
-    retried = subprocess.run(
-        [*command, "retry", dead[0].delivery_id, "999999", "--config", str(config_path)],
-        capture_output=True,
-        text=True,
-        env=sidecar_env(),
-        check=False,
-    )
-    after = subprocess.run(
-        [*command, "list", "--state", "pending", "--config", str(config_path)],
-        capture_output=True,
-        text=True,
-        env=sidecar_env(),
-        check=False,
-    )
+    after = await asyncio.to_thread(_outbox_cli, "list", "--state", "pending", "--config", config)
 
     assert listed.returncode == 0, listed.stderr
     assert "permanent failure: bad request (400)" in listed.stdout
@@ -176,3 +161,13 @@ async def test_outbox_cli_lists_and_retries_dead_letters(tmp_path: Path) -> None
     assert "queued 1 dead letter(s) again" in retried.stdout
     assert "999999: no dead letter with this id" in retried.stderr
     assert dead[0].delivery_id in after.stdout
+
+
+def _outbox_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", "outbox", *args],
+        capture_output=True,
+        text=True,
+        env=sidecar_env(),
+        check=False,
+    )
