@@ -171,20 +171,21 @@ class PrometheusServer:
 
     def start(self) -> PrometheusServer:
         self.write_config()
-        log = (self.workdir / "prometheus.log").open("ab")
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                f"--config.file={self.config_path}",
-                f"--storage.tsdb.path={self.workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                f"--web.external-url={self.url}",
-                "--web.enable-lifecycle",
-                "--rules.alert.resend-delay=1s",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        # The child keeps its own copy of the descriptor; ours is closed at once.
+        with (self.workdir / "prometheus.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    self.binary,
+                    f"--config.file={self.config_path}",
+                    f"--storage.tsdb.path={self.workdir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    f"--web.external-url={self.url}",
+                    "--web.enable-lifecycle",
+                    "--rules.alert.resend-delay=1s",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         wait_until(
             lambda: httpx.get(self.url + "/-/ready", timeout=2).status_code == 200,
             timeout=30,
