@@ -95,12 +95,14 @@ class RecordingNotifier:
         failure_rate: float = 0.0,
         journal: Path | None = None,
         delay: float = 0.0,
+        tag: str = "",
     ) -> None:
         self.name = name
         self.send_resolved = send_resolved
         self.failure_rate = failure_rate
         self.journal = journal
         self.delay = delay
+        self.tag = tag
         self.script: list[DeliveryError] = []
         self.records: list[Record] = []
         self.attempts: list[Attempt] = []
@@ -125,7 +127,13 @@ class RecordingNotifier:
             # One line per delivery, flushed before the notifier reports success, so a crash
             # after it shows as a duplicate and never as a loss.
             line = json.dumps(
-                {"group": record.group_key, "status": record.status, "id": record.delivery_id}
+                {
+                    "group": record.group_key,
+                    "status": record.status,
+                    "id": record.delivery_id,
+                    "destination": self.name,
+                    "by": self.tag,
+                }
             )
             with self.journal.open("a") as stream:
                 stream.write(line + "\n")
