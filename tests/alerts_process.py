@@ -1,8 +1,9 @@
 """A sidecar process whose destinations are journaling test notifiers, for crash tests.
 
-Usage: ``python -m tests.alerts_process CONFIG JOURNAL FAILURE_RATE``. Every successful delivery
-appends one JSON line to JOURNAL (fsynced before success is reported), and a share
-FAILURE_RATE of attempts fails with a retryable error.
+Usage: ``python -m tests.alerts_process CONFIG JOURNAL FAILURE_RATE [DELAY]``. Every successful
+delivery appends one JSON line to JOURNAL (fsynced before success is reported), a share
+FAILURE_RATE of attempts fails with a retryable error, and each attempt first waits DELAY
+seconds (a slow destination holds its claims).
 """
 
 from __future__ import annotations
@@ -20,14 +21,19 @@ from tests.alerts_support import RecordingNotifier
 
 
 def main(argv: list[str]) -> int:
-    config_path, journal, failure_rate = argv
+    config_path, journal, failure_rate, *rest = argv
+    delay = float(rest[0]) if rest else 0.0
     config = load_config(config_path)
     configure_logging("warning", "text", secrets=[])
     sidecar = Sidecar(config)
     assert sidecar.alerts is not None
     for name in list(sidecar.alerts.notifiers):
         notifier = RecordingNotifier(
-            name, failure_rate=float(failure_rate), journal=Path(journal), tag=str(os.getpid())
+            name,
+            failure_rate=float(failure_rate),
+            journal=Path(journal),
+            tag=str(os.getpid()),
+            delay=delay,
         )
         sidecar.alerts.notifiers[name] = notifier
     asyncio.run(serve(sidecar))

@@ -22,8 +22,14 @@ class JournalingSidecar:
     """``python -m tests.alerts_process`` on a fixed port, restartable after SIGKILL."""
 
     def __init__(
-        self, workdir: Path, document: dict[str, Any], journal: Path, failure_rate: float
+        self,
+        workdir: Path,
+        document: dict[str, Any],
+        journal: Path,
+        failure_rate: float,
+        delay: float = 0.0,
     ) -> None:
+        self.delay = delay
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         document = {**document, "server": {"listen": f"127.0.0.1:{self.port}"}}
@@ -42,6 +48,7 @@ class JournalingSidecar:
             str(self.config_path),
             str(self.journal),
             str(self.failure_rate),
+            str(self.delay),
         ]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -116,15 +123,21 @@ class Sender(threading.Thread):
         with httpx.Client(timeout=10) as client:
             for index, group in enumerate(groups):
                 for name, status in group:
-                    url = self.urls[(worker + index) % len(self.urls)]
-                    self._post(client, url, payload(name, status=status, alerts=10))
+                    self._post(client, worker + index, payload(name, status=status, alerts=10))
 
-    def _post(self, client: httpx.Client, url: str, document: dict[str, Any]) -> None:
+    def _url(self, slot: int) -> str:
+        # Read each time: a test may take a killed replica out of the list.
+        urls = self.urls
+        return urls[slot % len(urls)]
+
+    def _post(self, client: httpx.Client, slot: int, document: dict[str, Any]) -> None:
         while True:
             try:
-                response = client.post(url + "/alerts", json=document)
+                response = client.post(self._url(slot) + "/alerts", json=document)
             except httpx.TransportError:
-                wait_until(lambda: _reachable(url), timeout=30, interval=0.05, what=url)
+                wait_until(
+                    lambda: _reachable(self._url(slot)), timeout=30, interval=0.05, what="sidecar"
+                )
                 continue
             if response.status_code >= 500:
                 continue

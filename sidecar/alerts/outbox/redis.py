@@ -207,9 +207,16 @@ class RedisOutbox:
                 keys=[self.key("delayed", destination), stream], args=[time.time(), 100]
             )
         )
-        entries = await self._autoclaim(stream, limit)
-        if len(entries) < limit:
-            entries += await self._read_new(stream, limit - len(entries))
+        try:
+            entries = await self._autoclaim(stream, limit)
+            if len(entries) < limit:
+                entries += await self._read_new(stream, limit - len(entries))
+        except OutboxUnavailable as error:
+            if "NOGROUP" not in str(error):
+                raise
+            # Redis lost its data (restart without persistence): create the group again.
+            await self.start()
+            return []
 
         claims = []
         for entry_id, fields in entries:
@@ -233,15 +240,9 @@ class RedisOutbox:
 
     async def _autoclaim(self, stream: str, limit: int) -> list[tuple[str, dict[str, Any]]]:
         lease_ms = max(1, int(self.lease * 1000))
-        try:
-            result = await self.call(
-                lambda r: r.xautoclaim(stream, GROUP, self.consumer, lease_ms, "0-0", count=limit)
-            )
-        except OutboxUnavailable as error:
-            if "NOGROUP" in str(error):
-                await self.start()
-                return []
-            raise
+        result = await self.call(
+            lambda r: r.xautoclaim(stream, GROUP, self.consumer, lease_ms, "0-0", count=limit)
+        )
         return [(entry_id, fields) for entry_id, fields in result[1] if fields]
 
     async def _read_new(self, stream: str, count: int) -> list[tuple[str, dict[str, Any]]]:
