@@ -116,7 +116,7 @@ class Sender(threading.Thread):
                 thread.start()
             for thread in threads:
                 thread.join()
-        except BaseException as error:  # noqa: BLE001 - reported to the test
+        except BaseException as error:  # reported to the test thread
             self.error = error
 
     def _send_groups(self, groups: list[list[tuple[str, str]]], worker: int) -> None:

@@ -37,7 +37,8 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
         sidecar.kill()
         sidecar.start()
     sender.join(timeout=90)
-    assert sender.error is None and not sender.is_alive(), sender.error
+    assert sender.error is None, sender.error
+    assert not sender.is_alive()
     accepted = set(sender.accepted)
     wait_until(
         lambda: accepted <= set(delivery_counts(journal)),

@@ -140,7 +140,7 @@ async def test_alertmanager_firing_then_resolved_with_bearer_auth(
     alertmanager_factory: list[AlertmanagerServer],
     tmp_path: Path,
 ) -> None:
-    sidecar, notifier, webhook = served
+    _, notifier, webhook = served
     alertmanager = await asyncio.to_thread(AlertmanagerServer(tmp_path, webhook).start)
     alertmanager_factory.append(alertmanager)
 
@@ -167,7 +167,7 @@ async def test_prometheus_rule_reaches_the_destination_through_alertmanager(
     prometheus: PrometheusServer,
     tmp_path: Path,
 ) -> None:
-    sidecar, notifier, webhook = served
+    _, notifier, webhook = served
     alertmanager = await asyncio.to_thread(AlertmanagerServer(tmp_path, webhook).start)
     alertmanager_factory.append(alertmanager)
     rule_file = prometheus.rules_dir / "alerts-e2e.yml"

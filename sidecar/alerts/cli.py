@@ -76,10 +76,10 @@ def list_command(args: argparse.Namespace) -> int:
         return 3
     print(f"{'ID':<34} {'DESTINATION':<16} {'STATE':<8} {'TRIES':>5} {'ACCEPTED':<20} ERROR")
     for record in records:
-        error = record.last_error.replace("\n", " ")[:80]
+        reason = record.last_error.replace("\n", " ")[:80]
         print(
             f"{record.delivery_id:<34} {record.destination:<16} {record.state:<8}"
-            f" {record.attempts:>5} {_time(record.accepted_at):<20} {error}"
+            f" {record.attempts:>5} {_time(record.accepted_at):<20} {reason}"
         )
     return 0
 

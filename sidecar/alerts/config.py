@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
-from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import ByteSize, Discriminator, Field, Tag, field_validator, model_validator
 
 from sidecar.alerts.routing import parse_matcher
 from sidecar.fields import Duration, Secret, Section, Size
@@ -81,7 +81,7 @@ class ReceiverConfig(Section):
     """`none`, or accepted credentials. Left out, no authentication is required on a loopback
     listener and a non-loopback `server.listen` refuses to start."""
 
-    max_body_size: Size = Field(default=4 * 1024 * 1024)
+    max_body_size: Size = ByteSize(4 * 1024 * 1024)
     """Largest accepted request body; larger requests get 413."""
 
     retry_after: Duration = 5.0

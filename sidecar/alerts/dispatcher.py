@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -105,14 +106,14 @@ class Dispatcher:
             for claim in claims:
                 task = asyncio.create_task(self._deliver(claim))
                 in_flight[claim.delivery_id] = task
-                task.add_done_callback(lambda _, key=claim.delivery_id: self._finished(name, key))
+                task.add_done_callback(functools.partial(self._finished, name, claim.delivery_id))
 
             if free > 0 and len(claims) == free:
                 continue  # more may be due already
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout=self.config.poll_interval)
 
-    def _finished(self, name: str, key: str) -> None:
+    def _finished(self, name: str, key: str, _: asyncio.Task[None]) -> None:
         self._in_flight.get(name, {}).pop(key, None)
         self._wake[name].set()
 

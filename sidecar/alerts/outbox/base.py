@@ -99,8 +99,10 @@ class OutboxStats:
 class Outbox(Protocol):
     """What the receiver, the dispatcher and the CLI need from a backend."""
 
-    state: NotifierState
-    """Durable key-value memory handed to notifiers."""
+    @property
+    def state(self) -> NotifierState:
+        """Durable key-value memory handed to notifiers."""
+        ...
 
     async def start(self) -> None: ...
 

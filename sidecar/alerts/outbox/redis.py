@@ -24,8 +24,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
@@ -43,7 +43,6 @@ from sidecar.alerts.payload import Notification
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 GROUP = "dispatchers"
 
 _ENQUEUE = """
@@ -112,13 +111,13 @@ class RedisNotifierState:
         self._outbox = outbox
 
     async def get(self, key: str) -> str | None:
-        value = await self._outbox.call(lambda r: r.get(self._outbox.key("state", key)))
+        value = await self._outbox.call(self._outbox.redis.get(self._outbox.key("state", key)))
         return None if value is None else str(value)
 
     async def set(self, key: str, value: str, ttl: float | None = None) -> None:
         milliseconds = max(1, int(ttl * 1000)) if ttl is not None else None
         await self._outbox.call(
-            lambda r: r.set(self._outbox.key("state", key), value, px=milliseconds)
+            self._outbox.redis.set(self._outbox.key("state", key), value, px=milliseconds)
         )
 
 
@@ -145,20 +144,24 @@ class RedisOutbox:
         self.lease = lease
         self.park_delay = park_delay
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
-        self.state = RedisNotifierState(self)
+        self._state = RedisNotifierState(self)
         self._claimed: dict[str, tuple[str, str, dict[str, Any]]] = {}
         self._enqueue = redis.register_script(_ENQUEUE)
         self._finish_script = redis.register_script(_FINISH)
         self._promote = redis.register_script(_PROMOTE)
         self._requeue = redis.register_script(_REQUEUE)
 
+    @property
+    def state(self) -> RedisNotifierState:
+        return self._state
+
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
 
-    async def call(self, command: Callable[[Redis], Awaitable[T]]) -> T:
-        """Run a Redis command, translating its failure into OutboxUnavailable."""
+    async def call(self, command: Awaitable[Any] | Any) -> Any:
+        """Await a Redis command, translating its failure into OutboxUnavailable."""
         try:
-            return await command(self.redis)
+            return await command
         except (RedisError, OSError) as error:
             raise OutboxUnavailable(f"Redis outbox: {type(error).__name__}: {error}") from error
 
@@ -166,8 +169,8 @@ class RedisOutbox:
         for destination in self.destinations:
             try:
                 await self.call(
-                    lambda r, d=destination: r.xgroup_create(
-                        self.key("stream", d), GROUP, id="0", mkstream=True
+                    self.redis.xgroup_create(
+                        self.key("stream", destination), GROUP, id="0", mkstream=True
                     )
                 )
             except OutboxUnavailable as error:
@@ -192,9 +195,7 @@ class RedisOutbox:
             arguments += [destination, uuid.uuid4().hex]
         arguments.append(notification.to_json())
         result = await self.call(
-            lambda r: self._enqueue(
-                keys=[self.key("dedup", key), self.key("depth")], args=arguments
-            )
+            self._enqueue(keys=[self.key("dedup", key), self.key("depth")], args=arguments)
         )
         if result == -1:
             raise OutboxFull(f"the Redis outbox holds {self.max_depth} deliveries (max_depth)")
@@ -203,9 +204,7 @@ class RedisOutbox:
     async def claim(self, destination: str, limit: int) -> list[Claim]:
         stream = self.key("stream", destination)
         await self.call(
-            lambda r: self._promote(
-                keys=[self.key("delayed", destination), stream], args=[time.time(), 100]
-            )
+            self._promote(keys=[self.key("delayed", destination), stream], args=[time.time(), 100])
         )
         try:
             entries = await self._autoclaim(stream, limit)
@@ -221,7 +220,7 @@ class RedisOutbox:
         claims = []
         for entry_id, fields in entries:
             order = self.key("order", destination, fields["group"])
-            head = await self.call(lambda r, o=order: r.lindex(o, 0))
+            head = await self.call(self.redis.lindex(order, 0))
             self._claimed[fields["id"]] = (destination, entry_id, fields)
             if head is not None and head != fields["id"]:
                 # An earlier delivery of this group is still open: wait behind it.
@@ -241,13 +240,15 @@ class RedisOutbox:
     async def _autoclaim(self, stream: str, limit: int) -> list[tuple[str, dict[str, Any]]]:
         lease_ms = max(1, int(self.lease * 1000))
         result = await self.call(
-            lambda r: r.xautoclaim(stream, GROUP, self.consumer, lease_ms, "0-0", count=limit)
+            self.redis.xautoclaim(stream, GROUP, self.consumer, lease_ms, "0-0", count=limit)
         )
-        return [(entry_id, fields) for entry_id, fields in result[1] if fields]
+        # Redis 7 answers [next id, claimed entries, deleted ids]; deleted entries have no fields.
+        claimed: list[tuple[str, dict[str, Any]]] = result[1]
+        return [(entry_id, fields) for entry_id, fields in claimed if fields]
 
     async def _read_new(self, stream: str, count: int) -> list[tuple[str, dict[str, Any]]]:
         result = await self.call(
-            lambda r: r.xreadgroup(GROUP, self.consumer, {stream: ">"}, count=count)
+            self.redis.xreadgroup(GROUP, self.consumer, {stream: ">"}, count=count)
         )
         return [entry for _, entries in result or [] for entry in entries]
 
@@ -260,7 +261,7 @@ class RedisOutbox:
         destination, entry_id, _ = claimed
         member = json.dumps({**fields, "reason": reason, "destination": destination})
         await self.call(
-            lambda r: self._finish_script(
+            self._finish_script(
                 keys=[
                     self.key("stream", destination),
                     self.key("order", destination, fields["group"]),
@@ -301,13 +302,13 @@ class RedisOutbox:
         await self._settle(delivery_id, "dead", 0, fields, reason[:2000])
 
     async def requeue(self, delivery_id: str) -> bool:
-        member = await self.call(lambda r: r.hget(self.key("dead"), delivery_id))
+        member = await self.call(self.redis.hget(self.key("dead"), delivery_id))
         if member is None:
             return False
         fields = json.loads(member)
         destination = fields["destination"]
         result = await self.call(
-            lambda r: self._requeue(
+            self._requeue(
                 keys=[
                     self.key("dead"),
                     self.key("stream", destination),
@@ -325,7 +326,7 @@ class RedisOutbox:
             cursor = 0
             while len(records) < limit:
                 cursor, page = await self.call(
-                    lambda r, c=cursor: r.hscan(self.key("dead"), c, count=100)
+                    self.redis.hscan(self.key("dead"), cursor, count=100)
                 )
                 for delivery_id, member in page.items():
                     records.append(_record(delivery_id, json.loads(member), "dead"))
@@ -334,13 +335,13 @@ class RedisOutbox:
         if state in (None, "pending", "leased"):
             for destination in self.destinations:
                 entries = await self.call(
-                    lambda r, d=destination: r.xrange(self.key("stream", d), count=limit)
+                    self.redis.xrange(self.key("stream", destination), count=limit)
                 )
                 for _, fields in entries:
                     records.append(_record(fields["id"], {**fields, "destination": destination}))
                 delayed = await self.call(
-                    lambda r, d=destination: r.zrange(
-                        self.key("delayed", d), 0, limit - 1, withscores=True
+                    self.redis.zrange(
+                        self.key("delayed", destination), 0, limit - 1, withscores=True
                     )
                 )
                 for member, score in delayed:
@@ -350,13 +351,11 @@ class RedisOutbox:
         return records[:limit]
 
     async def stats(self) -> OutboxStats:
-        depth = await self.call(lambda r: r.get(self.key("depth")))
-        dead = await self.call(lambda r: r.hlen(self.key("dead")))
+        depth = await self.call(self.redis.get(self.key("depth")))
+        dead = await self.call(self.redis.hlen(self.key("dead")))
         oldest: float | None = None
         for destination in self.destinations:
-            first = await self.call(
-                lambda r, d=destination: r.xrange(self.key("stream", d), count=1)
-            )
+            first = await self.call(self.redis.xrange(self.key("stream", destination), count=1))
             if first:
                 accepted = float(first[0][1]["accepted_at"])
                 oldest = accepted if oldest is None else min(oldest, accepted)
@@ -369,7 +368,7 @@ class RedisOutbox:
         return 0
 
     async def check_storage(self) -> None:
-        await self.call(lambda r: r.ping())
+        await self.call(self.redis.ping())
 
 
 def _record(

@@ -215,9 +215,14 @@ class SqliteOutbox:
         self.retention = retention
         self.batch_size = batch_size
         self.recover = recover
-        self.state = SqliteNotifierState(self)
+        self._state = SqliteNotifierState(self)
         self._writer: _Writer | None = None
         self._depth = 0
+
+    @property
+    def state(self) -> SqliteNotifierState:
+        """Notifier memory in this database."""
+        return self._state
 
     @property
     def commits(self) -> int:
