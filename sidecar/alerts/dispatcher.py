@@ -15,6 +15,7 @@ import functools
 import logging
 import random
 import time
+from collections import OrderedDict
 
 from pydantic import ValidationError
 
@@ -27,6 +28,7 @@ from sidecar.notify.base import Attempt, DeliveryError, Notifier
 logger = logging.getLogger(__name__)
 
 HOUSEKEEPING_INTERVAL = 5.0
+PARSED_CACHE_SIZE = 4096
 PRUNE_INTERVAL = 60.0
 
 
@@ -54,6 +56,15 @@ class Dispatcher:
         self._loops: list[asyncio.Task[None]] = []
         self._in_flight: dict[str, dict[str, asyncio.Task[None]]] = {}
         self._stopping = False
+        # Notifications the receiver validated moments ago, by stored body: most deliveries
+        # are claimed right after acceptance and need not be validated a second time.
+        self._parsed: OrderedDict[str, Notification] = OrderedDict()
+
+    def remember(self, body: str, notification: Notification) -> None:
+        """Keep the validated form of a body just stored, for its first delivery."""
+        self._parsed[body] = notification
+        if len(self._parsed) > PARSED_CACHE_SIZE:
+            self._parsed.popitem(last=False)
 
     def wake(self, destinations: list[str]) -> None:
         for name in destinations:
@@ -139,11 +150,13 @@ class Dispatcher:
                 claim, f"gave up after {claim.attempts} attempts and {age:.0f}s since acceptance"
             )
             return
-        try:
-            notification = Notification.model_validate_json(claim.body)
-        except ValidationError as error:
-            await self._bury(claim, f"stored notification is unreadable: {error}")
-            return
+        notification = self._parsed.get(claim.body)
+        if notification is None:
+            try:
+                notification = Notification.model_validate_json(claim.body)
+            except ValidationError as error:
+                await self._bury(claim, f"stored notification is unreadable: {error}")
+                return
 
         number = claim.attempts + 1
         self.metrics.attempts.labels(name).inc()
@@ -164,6 +177,7 @@ class Dispatcher:
             return
 
         await self.outbox.complete(claim.delivery_id)
+        self._parsed.pop(claim.body, None)
         self.metrics.deliveries.labels(name, "success").inc()
         self.metrics.latency.labels(name).observe(max(0.0, time.time() - claim.accepted_at))
         logger.info(

@@ -95,6 +95,7 @@ class Receiver:
         notification, problem = _parse(body)
         if notification is None:
             return self._reject(label, 400, problem)
+        text = body.decode("utf-8")  # valid: _parse checked it
 
         receiver = named or notification.receiver
         label = named or (receiver if self.router.has_receiver(receiver) else _UNNAMED)
@@ -105,7 +106,7 @@ class Receiver:
         ]
         try:
             stored = await self.outbox.enqueue(
-                notification, destinations, dedup_key(receiver, notification)
+                notification, destinations, dedup_key(receiver, notification), text
             )
         except (OutboxFull, OutboxUnavailable) as error:
             self.metrics.received.labels(label, "unavailable").inc()
@@ -121,7 +122,9 @@ class Receiver:
             self.metrics.deduplicated.labels(label).inc()
             return JSONResponse({"status": "duplicate"})
         self.metrics.received.labels(label, "accepted").inc()
-        self.dispatcher.wake(destinations)
+        if destinations:
+            self.dispatcher.remember(text, notification)
+            self.dispatcher.wake(destinations)
         return JSONResponse({"status": "accepted", "destinations": destinations})
 
     async def _read_body(self, request: Request) -> bytes:
@@ -145,6 +148,14 @@ def _parse(body: bytes) -> tuple[Notification | None, str]:
     """The notification, or None and a message naming what is wrong."""
     if not body:
         return None, "empty body: expected an Alertmanager webhook payload (JSON object)"
+    try:
+        # The fast path for what Alertmanager sends; anything it refuses is parsed again
+        # below, slowly, for a message that names the problem.
+        notification = Notification.model_validate_json(body)
+        body.decode("utf-8")
+        return notification, ""
+    except (ValidationError, UnicodeDecodeError, RecursionError):
+        pass
     try:
         # Alertmanager sends UTF-8; decoding here stops json from guessing UTF-16 or 32.
         data: Any = json.loads(body.decode("utf-8"))

@@ -108,10 +108,17 @@ class Outbox(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def enqueue(self, notification: Notification, destinations: list[str], key: str) -> bool:
+    async def enqueue(
+        self,
+        notification: Notification,
+        destinations: list[str],
+        key: str,
+        body: str | None = None,
+    ) -> bool:
         """Store one delivery per destination durably; return False for a duplicate of ``key``
         seen within the dedup window (nothing stored). Raise OutboxFull or OutboxUnavailable.
-        Returns only after the data is committed."""
+        Returns only after the data is committed. ``body`` is the notification's JSON as
+        received (already validated), which saves serialising it again."""
         ...
 
     async def claim(self, destination: str, limit: int) -> list[Claim]:

@@ -182,7 +182,13 @@ class RedisOutbox:
     async def stop(self) -> None:
         await self.redis.aclose()
 
-    async def enqueue(self, notification: Notification, destinations: list[str], key: str) -> bool:
+    async def enqueue(
+        self,
+        notification: Notification,
+        destinations: list[str],
+        key: str,
+        body: str | None = None,
+    ) -> bool:
         arguments: list[Any] = [
             self.prefix,
             max(1, int(self.dedup_window * 1000)),
@@ -193,7 +199,7 @@ class RedisOutbox:
         ]
         for destination in destinations:
             arguments += [destination, uuid.uuid4().hex]
-        arguments.append(notification.to_json())
+        arguments.append(body if body is not None else notification.to_json())
         result = await self.call(
             self._enqueue(keys=[self.key("dedup", key), self.key("depth")], args=arguments)
         )

@@ -10,6 +10,7 @@ share one fsync, and none is acknowledged before the commit that holds it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import queue
 import sqlite3
@@ -55,7 +56,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     finished_at REAL,
     last_error TEXT NOT NULL DEFAULT ''
 );
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(destination, state, not_before);
+CREATE INDEX IF NOT EXISTS deliveries_queue ON deliveries(destination, state, id);
 CREATE INDEX IF NOT EXISTS deliveries_open_groups ON deliveries(group_id, destination, id)
     WHERE state IN ('pending', 'leased');
 CREATE INDEX IF NOT EXISTS deliveries_notification ON deliveries(notification_id);
@@ -65,19 +66,25 @@ CREATE TABLE IF NOT EXISTS notifier_state (
 );
 """
 
+# Walks the (destination, state, id) index in order and stops at the limit: no sort, and the
+# large bodies are read only for the rows chosen. A delivery waits while an earlier one of its
+# group and destination is still open.
 _CLAIMABLE = """
-SELECT d.id, d.destination, n.body, d.attempts, d.accepted_at
-FROM deliveries d JOIN notifications n ON n.id = d.notification_id
-WHERE d.destination = ?
-  AND ((d.state = 'pending' AND d.not_before <= ?) OR (d.state = 'leased' AND d.lease_until <= ?))
+SELECT d.id FROM deliveries d
+WHERE d.destination = ?1 AND d.state = ?2 AND
+  (CASE WHEN ?2 = 'pending' THEN d.not_before ELSE d.lease_until END) <= ?3
   AND NOT EXISTS (
       SELECT 1 FROM deliveries e
       WHERE e.group_id = d.group_id AND e.destination = d.destination AND e.id < d.id
         AND e.state IN ('pending', 'leased'))
-ORDER BY d.id LIMIT ?
+ORDER BY d.id LIMIT ?4
 """
 
 _STOP = object()
+
+
+class _OperationFailed(Exception):
+    """An operation of a batch raised; the batch is rolled back and run again isolated."""
 
 
 class _Writer(threading.Thread):
@@ -91,6 +98,7 @@ class _Writer(threading.Thread):
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.commits = 0
+        self.before_rerun: Callable[[sqlite3.Connection], None] | None = None
 
     def run(self) -> None:
         try:
@@ -130,6 +138,45 @@ class _Writer(threading.Thread):
         return connection
 
     def _run_batch(self, connection: sqlite3.Connection, batch: list[Any]) -> None:
+        try:
+            results = self._run_together(connection, batch)
+        except _OperationFailed:
+            # Some operation raised: run them again one savepoint each, so that only the
+            # failing ones fail. Savepoints cost more than half again, so only on this path.
+            # Counters the rolled-back operations moved are read again from the table first.
+            if self.before_rerun is not None:
+                self.before_rerun(connection)
+            results = self._run_isolated(connection, batch)
+        except sqlite3.Error as error:
+            results = self._fail(connection, batch, error)
+        # One wake-up of each event loop per batch, not one per operation.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+        for (_, future, loop), result in zip(batch, results, strict=True):
+            by_loop.setdefault(loop, []).append((future, result))
+        for loop, settled in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, settled)
+            except RuntimeError:  # the loop was closed while waiting; nobody is listening
+                continue
+
+    def _run_together(
+        self, connection: sqlite3.Connection, batch: list[Any]
+    ) -> list[tuple[bool, Any]]:
+        results: list[tuple[bool, Any]] = []
+        connection.execute("BEGIN IMMEDIATE")
+        for operation, _, _ in batch:
+            try:
+                results.append((True, operation(connection)))
+            except Exception as error:
+                connection.execute("ROLLBACK")
+                raise _OperationFailed from error
+        connection.execute("COMMIT")
+        self.commits += 1
+        return results
+
+    def _run_isolated(
+        self, connection: sqlite3.Connection, batch: list[Any]
+    ) -> list[tuple[bool, Any]]:
         results: list[tuple[bool, Any]] = []
         try:
             connection.execute("BEGIN IMMEDIATE")
@@ -138,31 +185,35 @@ class _Writer(threading.Thread):
                 try:
                     results.append((True, operation(connection)))
                     connection.execute("RELEASE op")
-                except Exception as error:
+                except Exception as error:  # handed to the caller of this operation
                     connection.execute("ROLLBACK TO op")
                     connection.execute("RELEASE op")
                     results.append((False, error))
             connection.execute("COMMIT")
             self.commits += 1
         except sqlite3.Error as error:
-            logger.error("outbox transaction of %d operations failed: %s", len(batch), error)
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            failure = OutboxUnavailable(f"SQLite outbox {self.path}: {error}")
-            failure.__cause__ = error
-            results = [(False, failure)] * len(batch)
-        for (_, future, loop), result in zip(batch, results, strict=True):
-            loop.call_soon_threadsafe(_settle, future, result)
+            return self._fail(connection, batch, error)
+        return results
+
+    def _fail(
+        self, connection: sqlite3.Connection, batch: list[Any], error: sqlite3.Error
+    ) -> list[tuple[bool, Any]]:
+        logger.error("outbox transaction of %d operations failed: %s", len(batch), error)
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        failure = OutboxUnavailable(f"SQLite outbox {self.path}: {error}")
+        failure.__cause__ = error
+        return [(False, failure)] * len(batch)
 
 
-def _settle(future: asyncio.Future[Any], result: tuple[bool, Any]) -> None:
-    if future.done():
-        return
-    ok, value = result
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)
+def _settle(settled: list[tuple[asyncio.Future[Any], tuple[bool, Any]]]) -> None:
+    for future, (ok, value) in settled:
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
 
 
 class SqliteNotifierState:
@@ -233,6 +284,7 @@ class SqliteOutbox:
         from sidecar.errors import StartupError
 
         writer = _Writer(self.path, self.batch_size)
+        writer.before_rerun = self._count_depth
         writer.start()
         await asyncio.to_thread(writer.ready.wait)
         if writer.error is not None:
@@ -272,8 +324,15 @@ class SqliteOutbox:
         writer.queue.put((operation, future, loop))
         return await future
 
-    async def enqueue(self, notification: Notification, destinations: list[str], key: str) -> bool:
-        body = notification.to_json()
+    async def enqueue(
+        self,
+        notification: Notification,
+        destinations: list[str],
+        key: str,
+        body: str | None = None,
+    ) -> bool:
+        if body is None:
+            body = notification.to_json()
         group = group_id(notification.group_key)
         count = len(destinations)
 
@@ -311,12 +370,27 @@ class SqliteOutbox:
     async def claim(self, destination: str, limit: int) -> list[Claim]:
         def take(connection: sqlite3.Connection) -> list[Claim]:
             now = time.time()
-            rows = connection.execute(_CLAIMABLE, (destination, now, now, limit)).fetchall()
+            ids = [
+                row[0]
+                for row in connection.execute(_CLAIMABLE, (destination, "pending", now, limit))
+            ]
+            if len(ids) < limit:
+                # Leases that ran out: their worker hung or its process died.
+                expired = (destination, "leased", now, limit - len(ids))
+                ids += [row[0] for row in connection.execute(_CLAIMABLE, expired)]
+            if not ids:
+                return []
             connection.executemany(
                 "UPDATE deliveries SET state = 'leased', lease_until = ? WHERE id = ?",
-                [(now + self.lease, row[0]) for row in rows],
+                [(now + self.lease, delivery_id) for delivery_id in ids],
             )
-            return [Claim(str(row[0]), row[1], row[2], row[3], row[4]) for row in rows]
+            rows = connection.execute(
+                "SELECT d.id, n.body, d.attempts, d.accepted_at FROM deliveries d"
+                " JOIN notifications n ON n.id = d.notification_id"
+                " WHERE d.id IN (SELECT value FROM json_each(?)) ORDER BY d.id",
+                (json.dumps(ids),),
+            ).fetchall()
+            return [Claim(str(row[0]), destination, row[1], row[2], row[3]) for row in rows]
 
         return await self.run(take)
 
@@ -409,6 +483,12 @@ class SqliteOutbox:
 
         return await self.run(read)
 
+    def _count_depth(self, connection: sqlite3.Connection) -> None:
+        """Set the bound's counter from the table (on the writer thread)."""
+        (self._depth,) = connection.execute(
+            "SELECT COUNT(*) FROM deliveries WHERE state IN ('pending', 'leased')"
+        ).fetchone()
+
     async def prune(self) -> int:
         def write(connection: sqlite3.Connection) -> int:
             now = time.time()
@@ -425,11 +505,7 @@ class SqliteOutbox:
                 "DELETE FROM notifier_state WHERE expires_at IS NOT NULL AND expires_at <= ?",
                 (now,),
             )
-            # Resynchronise the bound's counter with the table, in case an operation that
-            # moved it was rolled back with its transaction.
-            (self._depth,) = connection.execute(
-                "SELECT COUNT(*) FROM deliveries WHERE state IN ('pending', 'leased')"
-            ).fetchone()
+            self._count_depth(connection)
             return int(cursor.rowcount)
 
         return await self.run(write)
