@@ -128,8 +128,10 @@ def _run_loop(main: Any) -> None:
 
 
 def check_config_command(args: argparse.Namespace) -> int:
+    from sidecar.alerts.pipeline import check_receiver_auth
+
     try:
-        load_config(args.file)
+        check_receiver_auth(load_config(args.file))
     except ConfigError as error:
         _print_problems(error, args.file)
         return EXIT_FAILED

@@ -164,10 +164,35 @@ async def test_outbox_cli_lists_and_retries_dead_letters(tmp_path: Path) -> None
 
 
 def _outbox_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return _cli("outbox", *args)
+
+
+def test_check_config_reports_an_open_receiver_on_a_public_listen(tmp_path: Path) -> None:
+    path = tmp_path / "public.yaml"
+    path.write_text(yaml.safe_dump({"server": {"listen": "0.0.0.0:9464"}}))
+
+    result = _cli("check-config", str(path))
+
+    assert result.returncode == 1
+    assert "alerts.receiver.auth: server.listen 0.0.0.0:9464" in result.stderr
+
+
+def test_run_refuses_an_open_receiver_on_a_public_listen(tmp_path: Path) -> None:
+    path = tmp_path / "public.yaml"
+    path.write_text(yaml.safe_dump({"server": {"listen": "0.0.0.0:9464"}}))
+
+    result = _cli("run", "--config", str(path))
+
+    assert result.returncode == 2
+    assert "alerts.receiver.auth" in result.stderr
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sidecar", "outbox", *args],
+        [sys.executable, "-m", "sidecar", *args],
         capture_output=True,
         text=True,
         env=sidecar_env(),
         check=False,
+        timeout=60,
     )
