@@ -28,7 +28,7 @@ from sidecar.notify.base import Attempt, DeliveryError, Notifier
 logger = logging.getLogger(__name__)
 
 HOUSEKEEPING_INTERVAL = 5.0
-PARSED_CACHE_SIZE = 4096
+PARSED_CACHE_SIZE = 256
 PRUNE_INTERVAL = 60.0
 
 
