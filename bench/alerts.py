@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import socket
@@ -86,7 +87,14 @@ def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
     raise SystemExit(f"{url} did not start")
 
 
-def run_wrk(url: str, script: Path, duration: int, connections: int) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk(url: str, script: Path, duration: int, connections: int, pid: int) -> dict[str, float]:
+    before = cpu_seconds(pid)
     output = subprocess.run(
         [
             "wrk",
@@ -102,6 +110,7 @@ def run_wrk(url: str, script: Path, duration: int, connections: int) -> dict[str
         text=True,
         check=True,
     ).stdout
+    cpu = cpu_seconds(pid) - before
     requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
     seconds = float(re.search(r"requests in ([\d.]+)s", output).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
@@ -111,6 +120,8 @@ def run_wrk(url: str, script: Path, duration: int, connections: int) -> dict[str
         "failed": failed,
         "p50": _latency(output, "50%"),
         "p99": _latency(output, "99%"),
+        "cpu_us": cpu / max(1, requests - failed) * 1e6,
+        "cpu_share": cpu / seconds,
     }
 
 
@@ -168,7 +179,9 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}/alerts"
         try:
             wait_ready(url, baseline)
-            results["baseline (no storage)"] = run_wrk(url, script, args.duration, args.connections)
+            results["baseline (no storage)"] = run_wrk(
+                url, script, args.duration, args.connections, baseline.pid
+            )
         finally:
             stop(baseline)
 
@@ -176,7 +189,9 @@ def main() -> None:
         sidecar, url = start_sidecar(workdir, {"sqlite": {"path": str(sqlite_path)}})
         try:
             wait_ready(url, sidecar)
-            results["sidecar sqlite"] = run_wrk(url, script, args.duration, args.connections)
+            results["sidecar sqlite"] = run_wrk(
+                url, script, args.duration, args.connections, sidecar.pid
+            )
         finally:
             stop(sidecar)
 
@@ -206,7 +221,9 @@ def main() -> None:
             )
             try:
                 wait_ready(url, sidecar)
-                results["sidecar redis"] = run_wrk(url, script, args.duration, args.connections)
+                results["sidecar redis"] = run_wrk(
+                    url, script, args.duration, args.connections, sidecar.pid
+                )
             finally:
                 stop(sidecar)
         finally:
@@ -218,13 +235,18 @@ def main() -> None:
         " (10 alerts), distinct group per request\n"
     )
     print(
-        f"{'server':<24} {'accepted/s':>11} {'non-2xx':>8} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>7}"
+        f"{'server':<24} {'accepted/s':>11} {'non-2xx':>8} {'p50 ms':>8} {'p99 ms':>8}"
+        f" {'ratio':>6} {'CPU us/req':>11} {'CPU share':>10}"
     )
     for name, result in results.items():
         print(
             f"{name:<24} {result['accepted']:>11.0f} {result['failed']:>8.0f}"
-            f" {result['p50']:>8.2f} {result['p99']:>8.2f} {result['accepted'] / base:>7.2f}"
+            f" {result['p50']:>8.2f} {result['p99']:>8.2f} {result['accepted'] / base:>6.2f}"
+            f" {result['cpu_us']:>11.0f} {result['cpu_share']:>10.2f}"
         )
+    # CPU share is the server's CPU seconds per wall second: below 1.0 while wrk waits means
+    # the machine's other processes, not the server, set the pace.
+    print(f"\nload average during the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":
