@@ -381,3 +381,17 @@ def test_metrics_pass_promtool(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout == b""
     assert result.stderr == b""
+
+
+async def test_receiver_names_are_not_told_before_authentication(tmp_path: Path) -> None:
+    auth = {"bearer_tokens": ["s3cret-token"]}
+    sidecar = build_sidecar(alerts_config(tmp_path, receiver={"auth": auth}), {})
+
+    async with running_client(sidecar) as client:
+        anonymous = await client.post("/alerts/nobody", json=payload())
+        known = await client.post(
+            "/alerts/nobody", json=payload(), headers={"authorization": "Bearer s3cret-token"}
+        )
+
+    assert anonymous.status_code == 401
+    assert known.status_code == 404

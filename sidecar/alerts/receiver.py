@@ -60,10 +60,8 @@ class Receiver:
 
     async def endpoint(self, request: Request) -> Response:
         named = request.path_params.get("receiver")
-        label = named or _UNNAMED
-        if named is not None and not self.router.has_receiver(named):
-            # Unknown names are not used as metric labels: callers choose them.
-            return self._reject(_UNNAMED, 404, f"no receiver named {named!r} is configured")
+        # Unknown names are not used as metric labels: callers choose them.
+        label = named if named is not None and self.router.has_receiver(named) else _UNNAMED
 
         reason = self.authenticator.check(request.headers.get("authorization"))
         if reason is not None:
@@ -73,6 +71,9 @@ class Receiver:
                 status_code=401,
                 headers={"WWW-Authenticate": self.authenticator.challenge},
             )
+        # After authentication, so that receiver names are not told to strangers.
+        if named is not None and not self.router.has_receiver(named):
+            return self._reject(_UNNAMED, 404, f"no receiver named {named!r} is configured")
 
         content_type = request.headers.get("content-type", "")
         media_type = content_type.split(";", 1)[0].strip().lower()
