@@ -127,6 +127,8 @@ async def test_dead_letters_are_listed_and_requeued(outbox: Outbox) -> None:
     assert (stats.dead, stats.depth) == (1, 0)
     assert (requeued, unknown) == (True, False)
     assert claimed[0].attempts == 0
+    # The age limit counts from the requeue, or an old letter would die again at once.
+    assert claimed[0].accepted_at > dead[0].accepted_at
 
 
 async def test_the_bound_refuses_and_stores_nothing(outbox: Outbox) -> None:

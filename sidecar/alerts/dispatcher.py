@@ -141,6 +141,9 @@ class Dispatcher:
         except OutboxUnavailable as error:
             # The lease runs out and the delivery is attempted again: at least once.
             logger.warning("outbox unavailable after delivering %s: %s", claim.delivery_id, error)
+        except Exception:
+            # The boundary of a background task: the lease brings the delivery back.
+            logger.exception("delivery %s to %s failed unexpectedly", claim.delivery_id, name)
 
     async def _attempt(self, notifier: Notifier, claim: Claim) -> None:
         name = claim.destination

@@ -90,15 +90,16 @@ end
 return #due
 """
 
-# KEYS: dead, stream, order, depth. ARGV: delivery id, prefix.
+# KEYS: dead, stream, order, depth. ARGV: delivery id, prefix, now.
 _REQUEUE = """
 local member = redis.call('HGET', KEYS[1], ARGV[1])
 if not member then return 0 end
 local fields = cjson.decode(member)
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('RPUSH', KEYS[3], ARGV[1])
+-- A requeued letter starts again: attempts and the age limit count from now.
 redis.call('XADD', KEYS[2], '*', 'id', fields.id, 'group', fields.group, 'attempts', '0',
-  'accepted_at', tostring(fields.accepted_at), 'body', fields.body)
+  'accepted_at', ARGV[3], 'body', fields.body)
 redis.call('INCR', KEYS[4])
 return 1
 """
@@ -321,7 +322,7 @@ class RedisOutbox:
                     self.key("order", destination, fields["group"]),
                     self.key("depth"),
                 ],
-                args=[delivery_id, self.prefix],
+                args=[delivery_id, self.prefix, repr(time.time())],
             )
         )
         return bool(result)
