@@ -24,7 +24,7 @@ from sidecar.app import Sidecar
 from sidecar.config import parse_config
 from sidecar.notify.base import Attempt, Delivered, DeliveryError
 
-SAMPLE = Path("/work/shared/samples/alertmanager-webhook-v4.json")
+SAMPLE = Path(__file__).parent / "data" / "alertmanager-webhook-v4.json"
 
 
 def sample_payload(**changes: Any) -> dict[str, Any]:
