@@ -67,6 +67,26 @@ def test_explicit_auth_none_allows_a_non_loopback_listen(tmp_path: Path) -> None
     assert not sidecar.alerts.receiver.authenticator.required
 
 
+@pytest.mark.parametrize("path", ["/metrics", "/", "/readyz"])
+def test_receiver_path_must_not_shadow_another_endpoint(tmp_path: Path, path: str) -> None:
+    problems = _problems(alerts_config(tmp_path, receiver={"path": path}))
+
+    assert problems == [f"alerts.receiver.path: {path} is already served by the sidecar"]
+
+
+async def test_receiver_path_can_be_changed(tmp_path: Path) -> None:
+    sidecar = build_sidecar(alerts_config(tmp_path, receiver={"path": "/hooks/am/"}), {})
+
+    async with running_client(sidecar) as client:
+        moved = await client.post("/hooks/am", json=payload())
+        direct = await client.post("/hooks/am/default", json=payload("direct"))
+        old = await client.post("/alerts", json=payload())
+
+    assert moved.status_code == 200
+    assert direct.status_code == 200
+    assert old.status_code == 404
+
+
 @pytest.mark.parametrize(
     ("alerts", "expected"),
     [

@@ -35,6 +35,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Paths other parts of the sidecar serve on the main listener (some are built after this one).
+RESERVED_PATHS = frozenset(
+    {"/", "/metrics", "/livez", "/readyz", "/healthz", "/v1/metrics", "/v1/traces", "/v1/logs"}
+)
+
 
 def check_receiver_auth(config: Config) -> None:
     """Refuse an unauthenticated receiver on a non-loopback listener unless ``auth: none``."""
@@ -145,8 +150,14 @@ def build_alerts(sidecar: Sidecar) -> AlertPipeline | None:
 
     from sidecar.app import Link
 
-    pipeline = build_pipeline(config, sidecar.registry)
     path = config.receiver.path.rstrip("/") or ""
+    taken = RESERVED_PATHS | {getattr(route, "path", "") for route in sidecar.routes}
+    if (path or "/") in taken:
+        raise ConfigError(
+            [Problem("alerts.receiver.path", f"{path or '/'} is already served by the sidecar")]
+        )
+
+    pipeline = build_pipeline(config, sidecar.registry)
     endpoint = pipeline.receiver.endpoint
     sidecar.routes.append(Route(path or "/", endpoint, methods=["POST"]))
     sidecar.routes.append(Route(f"{path}/{{receiver}}", endpoint, methods=["POST"]))
