@@ -56,6 +56,7 @@ class Dispatcher:
         self._loops: list[asyncio.Task[None]] = []
         self._in_flight: dict[str, dict[str, asyncio.Task[None]]] = {}
         self._stopping = False
+        self._batch = max(1, config.concurrency // 2)
         # Notifications the receiver validated moments ago, by stored body: most deliveries
         # are claimed right after acceptance and need not be validated a second time.
         self._parsed: OrderedDict[str, Notification] = OrderedDict()
@@ -106,7 +107,9 @@ class Dispatcher:
             event.clear()
             free = self.config.concurrency - len(in_flight)
             claims: list[Claim] = []
-            if free > 0:
+            # Claim in batches: one claim per finished delivery would cost a transaction
+            # each, so wait until half the slots are free (or all, for small limits).
+            if free > 0 and (not in_flight or free >= self._batch):
                 try:
                     claims = await self.outbox.claim(name, free)
                 except OutboxUnavailable as error:
@@ -119,7 +122,7 @@ class Dispatcher:
                 in_flight[claim.delivery_id] = task
                 task.add_done_callback(functools.partial(self._finished, name, claim.delivery_id))
 
-            if free > 0 and len(claims) == free:
+            if claims and len(claims) == free:
                 continue  # more may be due already
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout=self.config.poll_interval)

@@ -98,6 +98,7 @@ class _Writer(threading.Thread):
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.commits = 0
+        self.durable = True
         self.before_rerun: Callable[[sqlite3.Connection], None] | None = None
 
     def run(self) -> None:
@@ -151,7 +152,7 @@ class _Writer(threading.Thread):
             results = self._fail(connection, batch, error)
         # One wake-up of each event loop per batch, not one per operation.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
-        for (_, future, loop), result in zip(batch, results, strict=True):
+        for (_, future, loop, _), result in zip(batch, results, strict=True):
             by_loop.setdefault(loop, []).append((future, result))
         for loop, settled in by_loop.items():
             try:
@@ -163,8 +164,9 @@ class _Writer(threading.Thread):
         self, connection: sqlite3.Connection, batch: list[Any]
     ) -> list[tuple[bool, Any]]:
         results: list[tuple[bool, Any]] = []
+        self._set_durability(connection, batch)
         connection.execute("BEGIN IMMEDIATE")
-        for operation, _, _ in batch:
+        for operation, _, _, _ in batch:
             try:
                 results.append((True, operation(connection)))
             except Exception as error:
@@ -174,13 +176,24 @@ class _Writer(threading.Thread):
         self.commits += 1
         return results
 
+    def _set_durability(self, connection: sqlite3.Connection, batch: list[Any]) -> None:
+        # A batch that stores notifications (or anything else that must survive power loss)
+        # commits with fsync. A batch of dispatcher bookkeeping only (claims, completions,
+        # retries) does not: losing it re-delivers, which at-least-once allows, and the next
+        # durable commit syncs the write-ahead log with it anyway.
+        durable = any(item[3] for item in batch)
+        if durable != self.durable:
+            connection.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self.durable = durable
+
     def _run_isolated(
         self, connection: sqlite3.Connection, batch: list[Any]
     ) -> list[tuple[bool, Any]]:
         results: list[tuple[bool, Any]] = []
         try:
+            self._set_durability(connection, batch)
             connection.execute("BEGIN IMMEDIATE")
-            for operation, _, _ in batch:
+            for operation, _, _, _ in batch:
                 connection.execute("SAVEPOINT op")
                 try:
                     results.append((True, operation(connection)))
@@ -231,7 +244,7 @@ class SqliteNotifierState:
                 return None
             return str(row[0])
 
-        return await self._outbox.run(read)
+        return await self._outbox.run(read, durable=False)
 
     async def set(self, key: str, value: str, ttl: float | None = None) -> None:
         expires_at = time.time() + ttl if ttl is not None else None
@@ -314,14 +327,17 @@ class SqliteOutbox:
         writer.queue.put(_STOP)
         await asyncio.to_thread(writer.join)
 
-    async def run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``operation`` on the writer thread, inside a transaction; wait for its commit."""
+    async def run(self, operation: Callable[[sqlite3.Connection], T], durable: bool = True) -> T:
+        """Run ``operation`` on the writer thread, inside a transaction; wait for its commit.
+
+        ``durable`` operations are committed with fsync before this returns; the others may be
+        lost on power failure (never on a process crash)."""
         writer = self._writer
         if writer is None or not writer.is_alive():
             raise OutboxUnavailable("the SQLite outbox is not running")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        writer.queue.put((operation, future, loop))
+        writer.queue.put((operation, future, loop, durable))
         return await future
 
     async def enqueue(
@@ -392,7 +408,7 @@ class SqliteOutbox:
             ).fetchall()
             return [Claim(str(row[0]), destination, row[1], row[2], row[3]) for row in rows]
 
-        return await self.run(take)
+        return await self.run(take, durable=False)
 
     async def _finish(
         self, delivery_id: str, sql: str, parameters: tuple[Any, ...], *, leaves: bool
@@ -407,7 +423,7 @@ class SqliteOutbox:
             if leaves:
                 self._depth -= cursor.rowcount
 
-        await self.run(write)
+        await self.run(write, durable=False)
 
     async def complete(self, delivery_id: str) -> None:
         await self._finish(
@@ -467,7 +483,7 @@ class SqliteOutbox:
             ).fetchall()
             return [DeliveryRecord(str(row[0]), *row[1:]) for row in rows]
 
-        return await self.run(read)
+        return await self.run(read, durable=False)
 
     async def stats(self) -> OutboxStats:
         def read(connection: sqlite3.Connection) -> OutboxStats:
@@ -481,7 +497,7 @@ class SqliteOutbox:
             age = max(0.0, time.time() - oldest) if oldest is not None else 0.0
             return OutboxStats(int(depth), age, int(dead))
 
-        return await self.run(read)
+        return await self.run(read, durable=False)
 
     def _count_depth(self, connection: sqlite3.Connection) -> None:
         """Set the bound's counter from the table (on the writer thread)."""
@@ -508,7 +524,7 @@ class SqliteOutbox:
             self._count_depth(connection)
             return int(cursor.rowcount)
 
-        return await self.run(write)
+        return await self.run(write, durable=False)
 
     async def check_storage(self) -> None:
         def probe(connection: sqlite3.Connection) -> None:
