@@ -23,6 +23,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from sidecar import __version__
+from sidecar.alerts.pipeline import build_alerts
 from sidecar.config import Config
 from sidecar.metrics.exposition import Exposition
 from sidecar.metrics.host import FilesystemSource, host_sources
@@ -93,6 +94,7 @@ class Sidecar:
         self.components.extend(self.telemetry.components)
         self._build_metrics()
         self._build_ingest()
+        self.alerts = build_alerts(self)
         self._app: Starlette | None = None
 
     def _build_metrics(self) -> None:

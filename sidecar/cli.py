@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar import __version__
+from sidecar.alerts.cli import add_outbox_commands
 from sidecar.config import Config, load_config
 from sidecar.errors import ConfigError, StartupError
 from sidecar.logs import configure_logging
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check_config.add_argument("file", type=Path, help="the YAML configuration file")
     check_config.set_defaults(handler=check_config_command)
+
+    add_outbox_commands(commands, _add_config_argument)
     return parser
 
 
@@ -125,8 +128,10 @@ def _run_loop(main: Any) -> None:
 
 
 def check_config_command(args: argparse.Namespace) -> int:
+    from sidecar.alerts.pipeline import check_receiver_auth
+
     try:
-        load_config(args.file)
+        check_receiver_auth(load_config(args.file))
     except ConfigError as error:
         _print_problems(error, args.file)
         return EXIT_FAILED

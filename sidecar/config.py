@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError
 
+from sidecar.alerts.config import AlertsConfig
 from sidecar.errors import ConfigError
 from sidecar.fields import Duration, ListenAddress, Secret, Section
 from sidecar.metrics.config import MetricsConfig
@@ -63,6 +64,9 @@ class Config(Section):
 
     ingest: IngestConfig = IngestConfig()
     """Application metrics received over StatsD and OTLP/HTTP."""
+
+    alerts: AlertsConfig = AlertsConfig()
+    """Alertmanager webhook receiver, durable outbox, routing and delivery."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,253 @@
+"""Benchmark of the webhook receiver: accepted notifications per second and ack latency.
+
+Runs ``wrk`` (Debian) with a Lua script posting a realistic 10-alert Alertmanager payload, a
+distinct group per request so that deduplication never short-cuts the write, against:
+
+  baseline  starlette on uvicorn (httptools, uvloop) reading the same POST, storing nothing;
+  sqlite    ``sidecar run`` with the default SQLite outbox (WAL, synchronous=FULL, group commit);
+  redis     ``sidecar run`` with the Redis Streams outbox on a private redis-server
+            (appendonly yes, appendfsync everysec).
+
+The sidecar also runs its dispatcher (log destination at log level warning) during the run, as
+in production. Prints accepted/s, p50/p99 latency and the ratio to the baseline.
+
+    /work/main/.venv/bin/python bench/alerts.py [--duration 10] [--connections 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.alerts_support import payload  # noqa: E402 - the repository root is added above
+
+BASELINE_APP = """
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+async def receive(request):
+    await request.body()
+    return JSONResponse({"status": "accepted"})
+
+app = Starlette(routes=[Route("/alerts", receive, methods=["POST"])])
+uvicorn.run(app, host="127.0.0.1", port=PORT, http="httptools", loop="uvloop",
+            log_level="warning", access_log=False)
+"""
+
+LUA = """
+local template = [==[BODY]==]
+local counter = 0
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
+function request()
+  counter = counter + 1
+  local body = template:gsub("BENCHGROUP", "t" .. tid .. "n" .. counter)
+  return wrk.format("POST", "/alerts", {["Content-Type"] = "application/json"}, body)
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server for {url} exited with {process.returncode}")
+        try:
+            httpx.post(url, content=b"{}", headers={"content-type": "application/json"})
+            return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not start")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk(url: str, script: Path, duration: int, connections: int, pid: int) -> dict[str, float]:
+    before = cpu_seconds(pid)
+    output = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    cpu = cpu_seconds(pid) - before
+    requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+    seconds = float(re.search(r"requests in ([\d.]+)s", output).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    failed = int(errors.group(1)) if errors else 0
+    return {
+        "accepted": (requests - failed) / seconds,
+        "failed": failed,
+        "p50": _latency(output, "50%"),
+        "p99": _latency(output, "99%"),
+        "cpu_us": cpu / max(1, requests - failed) * 1e6,
+        "cpu_share": cpu / seconds,
+    }
+
+
+def _latency(output: str, quantile: str) -> float:
+    match = re.search(rf"{quantile}\s+([\d.]+)(us|ms|s)", output)
+    assert match is not None, output
+    value, unit = float(match.group(1)), match.group(2)
+    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def start_sidecar(workdir: Path, alerts: dict[str, Any]) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    config = {
+        "server": {"listen": f"127.0.0.1:{port}", "log_level": "warning"},
+        "metrics": {"host": {"enabled": False}},
+        "alerts": {"outbox": {"max_depth": 10_000_000, **alerts}},
+    }
+    path = workdir / f"sidecar-{port}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "run", "--config", str(path)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=(workdir / f"sidecar-{port}.log").open("ab"),
+    )
+    return process, f"http://127.0.0.1:{port}/alerts"
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per run")
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None or shutil.which("redis-server") is None:
+        raise SystemExit("needs wrk and redis-server (apt-get install wrk redis-server)")
+
+    body = json.dumps(payload("BENCHGROUP", alerts=10))
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as temporary:
+        workdir = Path(temporary)
+        script = workdir / "post.lua"
+        script.write_text(LUA.replace("BODY", body))
+
+        port = free_port()
+        baseline = subprocess.Popen([sys.executable, "-c", BASELINE_APP.replace("PORT", str(port))])
+        url = f"http://127.0.0.1:{port}/alerts"
+        try:
+            wait_ready(url, baseline)
+            results["baseline (no storage)"] = run_wrk(
+                url, script, args.duration, args.connections, baseline.pid
+            )
+        finally:
+            stop(baseline)
+
+        sqlite_path = workdir / "outbox.sqlite3"
+        sidecar, url = start_sidecar(workdir, {"sqlite": {"path": str(sqlite_path)}})
+        try:
+            wait_ready(url, sidecar)
+            results["sidecar sqlite"] = run_wrk(
+                url, script, args.duration, args.connections, sidecar.pid
+            )
+        finally:
+            stop(sidecar)
+
+        redis_port = free_port()
+        redis = subprocess.Popen(
+            [
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(redis_port),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--dir",
+                str(workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            redis_url = f"redis://127.0.0.1:{redis_port}/0"
+            sidecar, url = start_sidecar(
+                workdir, {"backend": "redis", "redis": {"url": redis_url, "prefix": "bench"}}
+            )
+            try:
+                wait_ready(url, sidecar)
+                results["sidecar redis"] = run_wrk(
+                    url, script, args.duration, args.connections, sidecar.pid
+                )
+            finally:
+                stop(sidecar)
+        finally:
+            stop(redis)
+
+    base = results["baseline (no storage)"]["accepted"]
+    print(
+        f"\nwrk -t1 -c{args.connections} -d{args.duration}s, {len(body)} byte body"
+        " (10 alerts), distinct group per request\n"
+    )
+    print(
+        f"{'server':<24} {'accepted/s':>11} {'non-2xx':>8} {'p50 ms':>8} {'p99 ms':>8}"
+        f" {'ratio':>6} {'CPU us/req':>11} {'CPU share':>10}"
+    )
+    for name, result in results.items():
+        print(
+            f"{name:<24} {result['accepted']:>11.0f} {result['failed']:>8.0f}"
+            f" {result['p50']:>8.2f} {result['p99']:>8.2f} {result['accepted'] / base:>6.2f}"
+            f" {result['cpu_us']:>11.0f} {result['cpu_share']:>10.2f}"
+        )
+    # CPU share is the server's CPU seconds per wall second: below 1.0 while wrk waits means
+    # the machine's other processes, not the server, set the pace.
+    print(f"\nload average during the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+
+
+if __name__ == "__main__":
+    main()

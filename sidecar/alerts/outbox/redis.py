@@ -1,0 +1,398 @@
+"""The Redis outbox: one stream per destination, shared by every replica through a consumer group.
+
+Keys, all under the configured prefix (one Redis, not a cluster: scripts build key names):
+
+- ``<p>:stream:<destination>`` deliveries ready to attempt; consumer group ``dispatchers``;
+- ``<p>:delayed:<destination>`` sorted set of deliveries waiting for a retry (score: due time);
+- ``<p>:order:<destination>:<group>`` list of open delivery ids of one alert group, oldest
+  first: only the head may be delivered, so a resolved notification never overtakes its firing;
+- ``<p>:dedup:<key>`` set for the dedup window; ``<p>:depth`` undelivered count;
+- ``<p>:dead`` hash of dead letters; ``<p>:state:<key>`` notifier memory with TTL.
+
+Every change that touches several keys is one Lua script, so Redis applies it atomically: an
+accepted notification is either fully queued (and its dedup key set) or not at all. A replica
+that dies keeps its claimed entries pending in the group; after ``lease`` of idleness another
+replica takes them with XAUTOCLAIM. Durability is Redis's: use ``appendonly yes`` with
+``appendfsync always`` (or everysec, accepting one second of loss on a Redis crash).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from sidecar.alerts.outbox.base import (
+    Claim,
+    DeliveryRecord,
+    OutboxFull,
+    OutboxStats,
+    OutboxUnavailable,
+    State,
+    group_id,
+)
+from sidecar.alerts.payload import Notification
+
+logger = logging.getLogger(__name__)
+
+GROUP = "dispatchers"
+
+_ENQUEUE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local prefix, n = ARGV[1], tonumber(ARGV[6])
+if n > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') + n > tonumber(ARGV[3]) then
+  return -1
+end
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
+for i = 1, n do
+  local destination, id = ARGV[7 + 2 * (i - 1)], ARGV[8 + 2 * (i - 1)]
+  redis.call('RPUSH', prefix .. ':order:' .. destination .. ':' .. ARGV[4], id)
+  redis.call('XADD', prefix .. ':stream:' .. destination, '*', 'id', id, 'group', ARGV[4],
+    'attempts', '0', 'accepted_at', ARGV[5], 'body', ARGV[#ARGV])
+end
+redis.call('INCRBY', KEYS[2], n)
+return 1
+"""
+
+# KEYS: stream, order, depth, delayed, dead. ARGV: entry id, delivery id, action, score, member.
+_FINISH = """
+if redis.call('XACK', KEYS[1], 'dispatchers', ARGV[1]) == 0 then return 0 end
+redis.call('XDEL', KEYS[1], ARGV[1])
+local action = ARGV[3]
+if action == 'done' or action == 'dead' then
+  redis.call('LREM', KEYS[2], 1, ARGV[2])
+  redis.call('DECR', KEYS[3])
+  if action == 'dead' then redis.call('HSET', KEYS[5], ARGV[2], ARGV[5]) end
+else
+  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[5])
+end
+return 1
+"""
+
+# KEYS: delayed, stream. ARGV: now, limit.
+_PROMOTE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, member in ipairs(due) do
+  local fields = cjson.decode(member)
+  redis.call('XADD', KEYS[2], '*', 'id', fields.id, 'group', fields.group,
+    'attempts', tostring(fields.attempts), 'accepted_at', tostring(fields.accepted_at),
+    'body', fields.body)
+  redis.call('ZREM', KEYS[1], member)
+end
+return #due
+"""
+
+# KEYS: dead, stream, order, depth. ARGV: delivery id, prefix, now.
+_REQUEUE = """
+local member = redis.call('HGET', KEYS[1], ARGV[1])
+if not member then return 0 end
+local fields = cjson.decode(member)
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('RPUSH', KEYS[3], ARGV[1])
+-- A requeued letter starts again: attempts and the age limit count from now.
+redis.call('XADD', KEYS[2], '*', 'id', fields.id, 'group', fields.group, 'attempts', '0',
+  'accepted_at', ARGV[3], 'body', fields.body)
+redis.call('INCR', KEYS[4])
+return 1
+"""
+
+
+class RedisNotifierState:
+    """Notifier memory in ``<prefix>:state:<key>`` string keys, expiring with their TTL."""
+
+    def __init__(self, outbox: RedisOutbox) -> None:
+        self._outbox = outbox
+
+    async def get(self, key: str) -> str | None:
+        value = await self._outbox.call(self._outbox.redis.get(self._outbox.key("state", key)))
+        return None if value is None else str(value)
+
+    async def set(self, key: str, value: str, ttl: float | None = None) -> None:
+        milliseconds = max(1, int(ttl * 1000)) if ttl is not None else None
+        await self._outbox.call(
+            self._outbox.redis.set(self._outbox.key("state", key), value, px=milliseconds)
+        )
+
+
+class RedisOutbox:
+    """The outbox for several replicas; see the module docstring."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        prefix: str,
+        destinations: list[str],
+        max_depth: int,
+        dedup_window: float,
+        lease: float,
+        consumer: str | None = None,
+        park_delay: float = 1.0,
+    ) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.destinations = list(destinations)
+        self.max_depth = max_depth
+        self.dedup_window = dedup_window
+        self.lease = lease
+        self.park_delay = park_delay
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self._state = RedisNotifierState(self)
+        self._claimed: dict[str, tuple[str, str, dict[str, Any]]] = {}
+        self._enqueue = redis.register_script(_ENQUEUE)
+        self._finish_script = redis.register_script(_FINISH)
+        self._promote = redis.register_script(_PROMOTE)
+        self._requeue = redis.register_script(_REQUEUE)
+
+    @property
+    def state(self) -> RedisNotifierState:
+        return self._state
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    async def call(self, command: Awaitable[Any] | Any) -> Any:
+        """Await a Redis command, translating its failure into OutboxUnavailable."""
+        try:
+            return await command
+        except (RedisError, OSError) as error:
+            raise OutboxUnavailable(f"Redis outbox: {type(error).__name__}: {error}") from error
+
+    async def start(self) -> None:
+        for destination in self.destinations:
+            try:
+                await self.call(
+                    self.redis.xgroup_create(
+                        self.key("stream", destination), GROUP, id="0", mkstream=True
+                    )
+                )
+            except OutboxUnavailable as error:
+                if isinstance(error.__cause__, ResponseError) and "BUSYGROUP" in str(error):
+                    continue
+                # Redis may come later; the dispatcher creates groups again when claiming.
+                logger.warning("cannot prepare the Redis outbox yet: %s", error)
+
+    async def stop(self) -> None:
+        await self.redis.aclose()
+
+    async def enqueue(
+        self,
+        notification: Notification,
+        destinations: list[str],
+        key: str,
+        body: str | None = None,
+    ) -> bool:
+        arguments: list[Any] = [
+            self.prefix,
+            max(1, int(self.dedup_window * 1000)),
+            self.max_depth,
+            group_id(notification.group_key),
+            repr(time.time()),
+            len(destinations),
+        ]
+        for destination in destinations:
+            arguments += [destination, uuid.uuid4().hex]
+        arguments.append(body if body is not None else notification.to_json())
+        result = await self.call(
+            self._enqueue(keys=[self.key("dedup", key), self.key("depth")], args=arguments)
+        )
+        if result == -1:
+            raise OutboxFull(f"the Redis outbox holds {self.max_depth} deliveries (max_depth)")
+        return bool(result)
+
+    async def claim(self, destination: str, limit: int) -> list[Claim]:
+        stream = self.key("stream", destination)
+        await self.call(
+            self._promote(keys=[self.key("delayed", destination), stream], args=[time.time(), 100])
+        )
+        try:
+            entries = await self._autoclaim(stream, limit)
+            if len(entries) < limit:
+                entries += await self._read_new(stream, limit - len(entries))
+        except OutboxUnavailable as error:
+            if "NOGROUP" not in str(error):
+                raise
+            # Redis lost its data (restart without persistence): create the group again.
+            await self.start()
+            return []
+
+        claims = []
+        for entry_id, fields in entries:
+            order = self.key("order", destination, fields["group"])
+            head = await self.call(self.redis.lindex(order, 0))
+            self._claimed[fields["id"]] = (destination, entry_id, fields)
+            if head is not None and head != fields["id"]:
+                # An earlier delivery of this group is still open: wait behind it.
+                await self._settle(fields["id"], "park", time.time() + self.park_delay, fields)
+                continue
+            claims.append(
+                Claim(
+                    fields["id"],
+                    destination,
+                    fields["body"],
+                    int(fields["attempts"]),
+                    float(fields["accepted_at"]),
+                )
+            )
+        return claims
+
+    async def _autoclaim(self, stream: str, limit: int) -> list[tuple[str, dict[str, Any]]]:
+        lease_ms = max(1, int(self.lease * 1000))
+        result = await self.call(
+            self.redis.xautoclaim(stream, GROUP, self.consumer, lease_ms, "0-0", count=limit)
+        )
+        # Redis 7 answers [next id, claimed entries, deleted ids]; deleted entries have no fields.
+        claimed: list[tuple[str, dict[str, Any]]] = result[1]
+        return [(entry_id, fields) for entry_id, fields in claimed if fields]
+
+    async def _read_new(self, stream: str, count: int) -> list[tuple[str, dict[str, Any]]]:
+        result = await self.call(
+            self.redis.xreadgroup(GROUP, self.consumer, {stream: ">"}, count=count)
+        )
+        return [entry for _, entries in result or [] for entry in entries]
+
+    async def _settle(
+        self, delivery_id: str, action: str, score: float, fields: dict[str, Any], reason: str = ""
+    ) -> None:
+        claimed = self._claimed.pop(delivery_id, None)
+        if claimed is None:
+            return
+        destination, entry_id, _ = claimed
+        member = json.dumps({**fields, "reason": reason, "destination": destination})
+        await self.call(
+            self._finish_script(
+                keys=[
+                    self.key("stream", destination),
+                    self.key("order", destination, fields["group"]),
+                    self.key("depth"),
+                    self.key("delayed", destination),
+                    self.key("dead"),
+                ],
+                args=[entry_id, delivery_id, action, score, member],
+            )
+        )
+
+    def _fields(self, delivery_id: str) -> dict[str, Any]:
+        claimed = self._claimed.get(delivery_id)
+        return dict(claimed[2]) if claimed else {}
+
+    async def complete(self, delivery_id: str) -> None:
+        await self._settle(delivery_id, "done", 0, self._fields(delivery_id))
+
+    async def retry(self, delivery_id: str, delay: float, error: str) -> None:
+        fields = self._fields(delivery_id)
+        if fields:
+            fields["attempts"] = int(fields["attempts"]) + 1
+            fields["accepted_at"] = float(fields["accepted_at"])
+        await self._settle(delivery_id, "retry", time.time() + delay, fields, error[:2000])
+
+    async def release(self, delivery_id: str) -> None:
+        fields = self._fields(delivery_id)
+        if fields:
+            fields["accepted_at"] = float(fields["accepted_at"])
+        await self._settle(delivery_id, "park", time.time(), fields)
+
+    async def bury(self, delivery_id: str, reason: str) -> None:
+        fields = self._fields(delivery_id)
+        if fields:
+            fields["attempts"] = int(fields["attempts"]) + 1
+            fields["accepted_at"] = float(fields["accepted_at"])
+            fields["failed_at"] = time.time()
+        await self._settle(delivery_id, "dead", 0, fields, reason[:2000])
+
+    async def requeue(self, delivery_id: str) -> bool:
+        member = await self.call(self.redis.hget(self.key("dead"), delivery_id))
+        if member is None:
+            return False
+        fields = json.loads(member)
+        destination = fields["destination"]
+        result = await self.call(
+            self._requeue(
+                keys=[
+                    self.key("dead"),
+                    self.key("stream", destination),
+                    self.key("order", destination, fields["group"]),
+                    self.key("depth"),
+                ],
+                args=[delivery_id, self.prefix, repr(time.time())],
+            )
+        )
+        return bool(result)
+
+    async def list(self, state: State | None = None, limit: int = 100) -> list[DeliveryRecord]:
+        records: list[DeliveryRecord] = []
+        if state in (None, "dead"):
+            cursor = 0
+            while len(records) < limit:
+                cursor, page = await self.call(
+                    self.redis.hscan(self.key("dead"), cursor, count=100)
+                )
+                for delivery_id, member in page.items():
+                    records.append(_record(delivery_id, json.loads(member), "dead"))
+                if cursor == 0:
+                    break
+        if state in (None, "pending", "leased"):
+            for destination in self.destinations:
+                entries = await self.call(
+                    self.redis.xrange(self.key("stream", destination), count=limit)
+                )
+                for _, fields in entries:
+                    records.append(_record(fields["id"], {**fields, "destination": destination}))
+                delayed = await self.call(
+                    self.redis.zrange(
+                        self.key("delayed", destination), 0, limit - 1, withscores=True
+                    )
+                )
+                for member, score in delayed:
+                    fields = json.loads(member)
+                    records.append(_record(fields["id"], fields, "pending", not_before=score))
+        records.sort(key=lambda record: record.accepted_at)
+        return records[:limit]
+
+    async def stats(self) -> OutboxStats:
+        depth = await self.call(self.redis.get(self.key("depth")))
+        dead = await self.call(self.redis.hlen(self.key("dead")))
+        oldest: float | None = None
+        for destination in self.destinations:
+            first = await self.call(self.redis.xrange(self.key("stream", destination), count=1))
+            if first:
+                accepted = float(first[0][1]["accepted_at"])
+                oldest = accepted if oldest is None else min(oldest, accepted)
+        age = max(0.0, time.time() - oldest) if oldest is not None else 0.0
+        return OutboxStats(int(depth or 0), age, int(dead))
+
+    async def prune(self) -> int:
+        # Delivered entries are deleted from their stream when acknowledged; dedup and
+        # notifier keys expire by themselves.
+        return 0
+
+    async def check_storage(self) -> None:
+        await self.call(self.redis.ping())
+
+
+def _record(
+    delivery_id: str, fields: dict[str, Any], state: State = "pending", not_before: float = 0.0
+) -> DeliveryRecord:
+    group_key = ""
+    try:
+        group_key = str(json.loads(fields.get("body", "{}")).get("groupKey", ""))
+    except (ValueError, AttributeError):
+        group_key = ""
+    return DeliveryRecord(
+        delivery_id,
+        str(fields.get("destination", "")),
+        state,
+        int(fields.get("attempts", 0)),
+        float(fields.get("accepted_at", 0)),
+        not_before,
+        str(fields.get("reason", "")),
+        group_key,
+    )

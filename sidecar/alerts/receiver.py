@@ -1,0 +1,194 @@
+"""The webhook endpoint: authenticate, bound, validate, route, store, and only then answer.
+
+Alertmanager retries a webhook only after a 5xx, so the answers are chosen for it: 2xx once the
+notification is committed to the outbox (or recognised as a duplicate), 503 with
+``Retry-After`` when the outbox cannot take it, and a 4xx naming the problem for anything that
+a retry cannot fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+
+from sidecar.alerts.auth import Authenticator
+from sidecar.alerts.config import ReceiverConfig
+from sidecar.alerts.dispatcher import Dispatcher
+from sidecar.alerts.metrics import AlertMetrics
+from sidecar.alerts.outbox.base import Outbox, OutboxFull, OutboxUnavailable, dedup_key
+from sidecar.alerts.payload import Notification
+from sidecar.alerts.routing import Router
+from sidecar.config import format_location
+from sidecar.notify.base import Notifier
+
+logger = logging.getLogger(__name__)
+
+MAX_REPORTED_ERRORS = 5
+_UNNAMED = "-"
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class Receiver:
+    """The ASGI endpoint of ``POST <path>`` and ``POST <path>/<receiver>``."""
+
+    def __init__(
+        self,
+        config: ReceiverConfig,
+        *,
+        authenticator: Authenticator,
+        router: Router,
+        outbox: Outbox,
+        dispatcher: Dispatcher,
+        notifiers: dict[str, Notifier],
+        metrics: AlertMetrics,
+    ) -> None:
+        self.config = config
+        self.authenticator = authenticator
+        self.router = router
+        self.outbox = outbox
+        self.dispatcher = dispatcher
+        self.notifiers = notifiers
+        self.metrics = metrics
+
+    async def endpoint(self, request: Request) -> Response:
+        named = request.path_params.get("receiver")
+        # Unknown names are not used as metric labels: callers choose them.
+        label = named if named is not None and self.router.has_receiver(named) else _UNNAMED
+
+        reason = self.authenticator.check(request.headers.get("authorization"))
+        if reason is not None:
+            self.metrics.received.labels(label, "rejected").inc()
+            return JSONResponse(
+                {"error": reason},
+                status_code=401,
+                headers={"WWW-Authenticate": self.authenticator.challenge},
+            )
+        # After authentication, so that receiver names are not told to strangers.
+        if named is not None and not self.router.has_receiver(named):
+            return self._reject(_UNNAMED, 404, f"no receiver named {named!r} is configured")
+
+        content_type = request.headers.get("content-type", "")
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if media_type != "application/json":
+            return self._reject(
+                label,
+                415,
+                f"content type must be application/json (got {content_type or 'none'!r})",
+            )
+
+        try:
+            body = await self._read_body(request)
+        except BodyTooLarge:
+            return self._reject(
+                label, 413, f"body larger than {int(self.config.max_body_size)} bytes"
+            )
+        except ClientDisconnect:
+            return self._reject(label, 400, "the client disconnected before sending the body")
+
+        notification, problem = _parse(body)
+        if notification is None:
+            return self._reject(label, 400, problem)
+        text = body.decode("utf-8")  # valid: _parse checked it
+
+        receiver = named or notification.receiver
+        label = named or (receiver if self.router.has_receiver(receiver) else _UNNAMED)
+        destinations = [
+            name
+            for name in self.router.destinations_for(notification.common_labels, named)
+            if notification.status == "firing" or self.notifiers[name].send_resolved
+        ]
+        try:
+            stored = await self.outbox.enqueue(
+                notification, destinations, dedup_key(receiver, notification), text
+            )
+        except (OutboxFull, OutboxUnavailable) as error:
+            self.metrics.received.labels(label, "unavailable").inc()
+            logger.warning("refused a notification for now: %s", error)
+            return JSONResponse(
+                {"error": f"the outbox cannot take the notification now: {error}"},
+                status_code=503,
+                headers={"Retry-After": str(max(1, round(self.config.retry_after)))},
+            )
+
+        if not stored:
+            self.metrics.received.labels(label, "duplicate").inc()
+            self.metrics.deduplicated.labels(label).inc()
+            return JSONResponse({"status": "duplicate"})
+        self.metrics.received.labels(label, "accepted").inc()
+        if destinations:
+            self.dispatcher.remember(text, notification)
+            self.dispatcher.wake(destinations)
+        return JSONResponse({"status": "accepted", "destinations": destinations})
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = int(self.config.max_body_size)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise BodyTooLarge
+        chunks = bytearray()
+        async for chunk in request.stream():
+            chunks += chunk
+            if len(chunks) > limit:
+                raise BodyTooLarge
+        return bytes(chunks)
+
+    def _reject(self, label: str, status: int, message: str) -> Response:
+        self.metrics.received.labels(label, "rejected").inc()
+        return JSONResponse({"error": message}, status_code=status)
+
+
+def _parse(body: bytes) -> tuple[Notification | None, str]:
+    """The notification, or None and a message naming what is wrong."""
+    if not body:
+        return None, "empty body: expected an Alertmanager webhook payload (JSON object)"
+    try:
+        # The fast path for what Alertmanager sends; anything it refuses is parsed again
+        # below, slowly, for a message that names the problem.
+        notification = Notification.model_validate_json(body)
+        body.decode("utf-8")
+        return notification, ""
+    except (ValidationError, UnicodeDecodeError, RecursionError):
+        pass
+    try:
+        # Alertmanager sends UTF-8; decoding here stops json from guessing UTF-16 or 32.
+        data: Any = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        return None, f"body is not valid UTF-8 (byte {error.start})"
+    except json.JSONDecodeError as error:
+        return None, f"malformed JSON: {error.msg} at line {error.lineno}, column {error.colno}"
+    except RecursionError:
+        return None, "malformed JSON: nested too deeply"
+    if isinstance(data, list):
+        return None, (
+            "body is a JSON list, which is how Prometheus sends alerts to Alertmanager; this "
+            "endpoint takes Alertmanager webhook notifications (point a webhook_configs "
+            "receiver of Alertmanager here)"
+        )
+    if not isinstance(data, dict):
+        return None, f"body must be a JSON object (got {type(data).__name__})"
+    version = data.get("version")
+    if version != "4":
+        return None, f"version: only Alertmanager webhook version 4 is supported (got {version!r})"
+    try:
+        # Unpaired UTF-16 surrogate escapes fail here too: pydantic refuses them in a str.
+        return Notification.model_validate(data), ""
+    except ValidationError as error:
+        details = error.errors(include_url=False, include_input=False)
+        problems = [
+            f"{format_location(detail['loc']) or 'body'}: {detail['msg']}"
+            for detail in details[:MAX_REPORTED_ERRORS]
+        ]
+        more = len(details) - MAX_REPORTED_ERRORS
+        if more > 0:
+            problems.append(f"and {more} more")
+        return None, "invalid payload: " + "; ".join(problems)
+    except RecursionError:
+        return None, "invalid payload: nested too deeply"
