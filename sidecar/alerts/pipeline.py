@@ -121,7 +121,11 @@ def build_pipeline(config: AlertsConfig, registry: CollectorRegistry) -> AlertPi
     outbox, redis = build_outbox(config)
     notifiers = {
         destination.name: build_notifier(
-            destination, state=outbox.state, registry=registry, redis=redis
+            destination,
+            state=outbox.state,
+            registry=registry,
+            redis=redis,
+            key_prefix=config.outbox.redis.prefix + ":",
         )
         for destination in config.destinations
     }
