@@ -19,6 +19,7 @@ from sidecar.alerts.cli import add_outbox_commands
 from sidecar.config import Config, load_config
 from sidecar.errors import ConfigError, StartupError
 from sidecar.logs import configure_logging
+from sidecar.notify.cli import add_notify_commands
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     check_config.set_defaults(handler=check_config_command)
 
     add_outbox_commands(commands, _add_config_argument)
+    add_notify_commands(commands, _add_config_argument)
     return parser
 
 
