@@ -28,6 +28,12 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture(autouse=True)
+def private_state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sidecar built on defaults keeps its outbox in the test's directory, not in $HOME."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+
+
 @pytest.fixture
 def registry() -> CollectorRegistry:
     """A fresh registry, so no test sees another's metrics."""

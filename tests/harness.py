@@ -122,7 +122,10 @@ class SidecarProcess:
                 cwd=self.workdir,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=sidecar_env(self.env),
+                # Its default data directory (the outbox) stays inside the test's directory.
+                env=sidecar_env(
+                    {"XDG_STATE_HOME": str(self.workdir / "state"), **(self.env or {})}
+                ),
             )
         wait_until(lambda: self._answers(wait_path), timeout=20, what=f"sidecar on {self.url}")
         return self

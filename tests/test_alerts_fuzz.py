@@ -36,16 +36,18 @@ class LoopThread:
         self.run(self._start())
 
     async def _start(self) -> None:
-        await self.sidecar.components[0].start()  # the outbox
-        await self.sidecar.components[1].start()  # the dispatcher
+        assert self.sidecar.alerts is not None
+        await self.sidecar.alerts.outbox.start()
+        await self.sidecar.alerts.dispatcher.start()
         transport = httpx.ASGITransport(app=self.sidecar.app)
         self.client = httpx.AsyncClient(transport=transport, base_url="http://sidecar")
 
     async def _stop(self) -> None:
         assert self.client is not None
         await self.client.aclose()
-        for component in reversed(self.sidecar.components):
-            await component.stop()
+        assert self.sidecar.alerts is not None
+        await self.sidecar.alerts.dispatcher.stop()
+        await self.sidecar.alerts.outbox.stop()
 
     def run(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=60)

@@ -140,7 +140,11 @@ def test_request_in_flight_finishes_during_shutdown(tmp_path: Path) -> None:
 def test_config_from_environment(tmp_path: Path) -> None:
     port = free_port()
     path = tmp_path / "sidecar.yaml"
-    path.write_text(f"server:\n  listen: 127.0.0.1:{port}\n")
+    path.write_text(
+        f"server:\n  listen: 127.0.0.1:{port}\n"
+        "ingest:\n  statsd:\n    listen: 127.0.0.1:0\n"
+        f"  otlp:\n    listen: 127.0.0.1:{free_port()}\n"
+    )
     process = subprocess.Popen(
         [sys.executable, "-m", "sidecar", "run"],
         env=sidecar_env({"SIDECAR_CONFIG": str(path)}),

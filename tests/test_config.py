@@ -10,7 +10,7 @@ import yaml
 
 from sidecar.config import Config, load_config, parse_config
 from sidecar.errors import ConfigError
-from sidecar.fields import Secret, format_duration, parse_duration, split_host_port
+from sidecar.fields import Secret, Section, format_duration, parse_duration, split_host_port
 from sidecar.reference import BEGIN, END, leaf_paths, render_reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,7 +190,7 @@ def test_command_line_overrides_win_and_are_validated(tmp_path: Path) -> None:
         load_config(path, overrides={"server": {"listen": "bad"}})
 
 
-class _SecretHolder(Config):
+class _SecretHolder(Section):
     token: Secret | None = None
 
 

@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -21,9 +22,13 @@ PROMETHEUS_ACCEPT = (
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
+async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     config = parse_config(
-        {"metrics": {"process": {"targets": [{"name": "app", "pid_file": "/nonexistent.pid"}]}}}
+        {
+            "metrics": {"process": {"targets": [{"name": "app", "pid_file": "/nonexistent.pid"}]}},
+            "ingest": {"statsd": {"listen": "127.0.0.1:0"}},
+            "alerts": {"outbox": {"sqlite": {"path": str(tmp_path / "outbox.sqlite3")}}},
+        }
     )
     sidecar = Sidecar(config)
     async with sidecar.running():

@@ -19,13 +19,12 @@ import logging
 import math
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import httpx
 from prometheus_client import CollectorRegistry
 from pydantic import Field, field_validator
-from redis.asyncio import Redis
 
 from sidecar import __version__
 from sidecar.alerts.payload import Alert, Notification
@@ -43,6 +42,9 @@ from sidecar.notify.render import (
     render_messages,
 )
 from sidecar.notify.templates import Flavour, TemplateSection, TemplateText
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 logger = logging.getLogger(__name__)
 

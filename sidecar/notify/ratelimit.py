@@ -16,10 +16,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+if TYPE_CHECKING:
+    # redis-py costs about 10 MB resident; it is imported only when a Redis backend is used.
+    from redis.asyncio import Redis
+    from redis.exceptions import RedisError
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +185,9 @@ class RedisBudget:
     """
 
     def __init__(self, redis: Redis, key: str, fallback: LocalBudget | None = None) -> None:
+        from redis.exceptions import RedisError
+
+        self._redis_errors: type[RedisError] = RedisError
         self.redis = redis
         self.key = key
         self.fallback = fallback or LocalBudget()
@@ -202,7 +207,7 @@ class RedisBudget:
             wait_ms = await self._take(
                 keys=[self.key], args=[int(PROBE_POLL * 1000), int(PROBE_TIMEOUT * 1000)]
             )
-        except RedisError as error:
+        except self._redis_errors as error:
             self._report(error)
             return await self.fallback.take()
         self._recovered()
@@ -216,7 +221,7 @@ class RedisBudget:
             await self._observe(
                 keys=[self.key], args=[limit, remaining, max(int(reset_after * 1000), 0)]
             )
-        except RedisError as error:
+        except self._redis_errors as error:
             self._report(error)
 
     async def block(self, retry_after: float) -> None:
@@ -225,7 +230,7 @@ class RedisBudget:
             return
         try:
             await self._block(keys=[self.key], args=[max(int(retry_after * 1000), 1)])
-        except RedisError as error:
+        except self._redis_errors as error:
             self._report(error)
 
     async def answered(self) -> None:
@@ -234,7 +239,7 @@ class RedisBudget:
             return
         try:
             await self.redis.hdel(self.key, "probe")
-        except RedisError as error:
+        except self._redis_errors as error:
             self._report(error)
 
     def _report(self, error: RedisError) -> None:

@@ -81,6 +81,19 @@ app.kubernetes.io/component: observability
 {{- $server := get $config "server" | default dict }}
 {{- $_ := set $server "listen" (printf "0.0.0.0:%d" (int .Values.ports.http)) }}
 {{- $_ := set $config "server" $server }}
+{{- /* The receiver listens beyond loopback in a pod, so it needs an explicit auth setting:
+       the bearer token from the chart's Secret when there is one, else none. */}}
+{{- $alerts := get $config "alerts" | default dict }}
+{{- $receiver := get $alerts "receiver" | default dict }}
+{{- if not (hasKey $receiver "auth") }}
+{{- if or .Values.secrets.receiverToken .Values.secrets.existingSecret }}
+{{- $_ := set $receiver "auth" (dict "bearer_tokens" (list (dict "file" "/etc/sidecar-secrets/receiver-token"))) }}
+{{- else }}
+{{- $_ := set $receiver "auth" "none" }}
+{{- end }}
+{{- $_ := set $alerts "receiver" $receiver }}
+{{- $_ := set $config "alerts" $alerts }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 
