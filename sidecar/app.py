@@ -24,6 +24,7 @@ from starlette.routing import BaseRoute, Route
 
 from sidecar import __version__
 from sidecar.config import Config
+from sidecar.health.endpoints import install_health
 from sidecar.metrics.exposition import Exposition
 from sidecar.metrics.host import FilesystemSource, host_sources
 from sidecar.metrics.process import ProcessSource
@@ -84,6 +85,7 @@ class Sidecar:
     def __post_init__(self) -> None:
         self.exposition = Exposition(self.registry)
         self._build_metrics()
+        self.health = install_health(self)
         self._app: Starlette | None = None
 
     def _build_metrics(self) -> None:

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from sidecar.errors import ConfigError
 from sidecar.fields import Duration, ListenAddress, Secret, Section
+from sidecar.health.config import HealthConfig
 from sidecar.metrics.config import MetricsConfig
 
 CONFIG_ENV = "SIDECAR_CONFIG"
@@ -39,8 +40,9 @@ class ServerConfig(Section):
     """Log one line per HTTP request (off: probes and scrapes would drown everything else)."""
 
     shutdown_delay: Duration = 0.0
-    """After SIGTERM, keep serving this long with readiness failing, so that Kubernetes takes
-    the pod out of its Service before the listeners close."""
+    """After SIGTERM, keep serving this long with readiness failing (liveness still passing),
+    so that Kubernetes takes the pod out of its Service before the listeners close. Set it a
+    little above the readiness probe's `periodSeconds × failureThreshold`."""
 
     shutdown_timeout: Duration = 10.0
     """How long requests in flight may take to finish once the listeners are closed."""
@@ -54,6 +56,9 @@ class Config(Section):
 
     metrics: MetricsConfig = MetricsConfig()
     """Host and process metrics."""
+
+    health: HealthConfig = HealthConfig()
+    """Health checks behind `/livez`, `/readyz` and `/healthz`."""
 
 
 @dataclass(frozen=True)
