@@ -102,7 +102,8 @@ class HttpProbe(Check):
         # One client per check, reused for every run: connections stay pooled between runs.
         self.client = httpx.AsyncClient(
             verify=verify_context,
-            timeout=config.timeout,
+            # The runner cancels a run at the check's timeout; this only bounds a stray request.
+            timeout=config.timeout + 1.0,
             follow_redirects=False,
             headers=config.headers,
             limits=httpx.Limits(max_connections=2, max_keepalive_connections=1),
@@ -150,8 +151,8 @@ def _describe_http_error(error: httpx.HTTPError) -> str:
     # failure by its class and the innermost OS error instead.
     cause: BaseException | None = error
     while cause is not None:
-        if isinstance(cause, OSError) and cause.strerror:
-            return f"{type(error).__name__}: {cause.strerror}"
+        if isinstance(cause, OSError) and (cause.errno or cause.strerror):
+            return f"{type(error).__name__}: {_os_reason(cause)}"
         text = str(cause)
         if "CERTIFICATE_VERIFY_FAILED" in text:
             return f"{type(error).__name__}: certificate verify failed"
@@ -170,7 +171,7 @@ class TcpProbe(Check):
         try:
             _, writer = await asyncio.open_connection(self.host, self.port)
         except OSError as error:
-            raise CheckFailed(f"connect failed: {error.strerror or error}") from error
+            raise CheckFailed(f"connect failed: {_os_reason(error)}") from error
         finally:
             if writer is not None:
                 writer.close()
@@ -410,6 +411,14 @@ def _bytes(count: float) -> str:
             return f"{count:.0f}{unit}" if unit == "B" else f"{count:.1f}{unit}"
         count /= 1024
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns at TiB
+
+
+def _os_reason(error: OSError) -> str:
+    # asyncio words a refused connection "Connect call failed (host, port)"; the errno's own
+    # text is what an operator searches for.
+    if error.errno:
+        return os.strerror(error.errno)
+    return error.strerror or type(error).__name__
 
 
 def _first_line(error: BaseException) -> str:
