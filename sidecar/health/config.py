@@ -59,7 +59,7 @@ class CheckConfig(Section):
     critical: bool = True
     """A failing critical check fails its probes (503); a non-critical one only warns (200)."""
 
-    probes: Annotated[tuple[ProbeName, ...], Field(min_length=1)] = ("readiness",)
+    probes: tuple[ProbeName, ...] = ("readiness",)
     """Probes the check belongs to. Dependencies belong in `readiness` only: a liveness
     failure restarts the container, which cannot repair a dependency."""
 
@@ -83,6 +83,8 @@ class CheckConfig(Section):
     @field_validator("probes")
     @classmethod
     def _distinct_probes(cls, value: tuple[ProbeName, ...]) -> tuple[ProbeName, ...]:
+        if not value:
+            raise ValueError("must name liveness, readiness or both")
         if len(set(value)) != len(value):
             raise ValueError("names a probe twice")
         return value
