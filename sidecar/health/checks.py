@@ -350,6 +350,10 @@ class EventLoopMonitor:
                 await self._task
             self._task = None
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
     def take_worst(self) -> float:
         """The worst lag since the previous call (at least the latest one)."""
         worst, self.worst_lag = max(self.worst_lag, self.last_lag), 0.0
@@ -372,7 +376,7 @@ class EventLoopProbe(Check):
         self.fail_lag = fail_lag
 
     async def run(self) -> Outcome:
-        if self.monitor._task is None:
+        if not self.monitor.running:
             # No monitor running (a one-shot `sidecar check`): measure one short sleep.
             started = time.monotonic()
             await asyncio.sleep(0.01)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from sidecar.health.checks import (
     build_check,
 )
 from sidecar.health.config import BUILTIN_NAMES, CHECK_NAME, HealthConfig
+from sidecar.health.probes import evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -217,8 +219,6 @@ class HealthRunner:
         before or after ``start()``. Raises ValueError for a duplicate or malformed name or a
         timeout not shorter than the interval.
         """
-        import re
-
         if not re.fullmatch(CHECK_NAME, name) or name in BUILTIN_NAMES:
             raise ValueError(f"invalid built-in check name {name!r}")
         if not 0 < timeout < interval:
@@ -400,8 +400,6 @@ class _HealthCollector(Collector):
         self.runner = runner
 
     def collect(self) -> Iterable[Metric]:
-        from sidecar.health.probes import evaluate
-
         now = time.monotonic()
         status = GaugeMetricFamily(
             "sidecar_health_check_status",
