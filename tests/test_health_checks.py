@@ -426,3 +426,19 @@ async def test_a_check_whose_task_stops_is_reported_stale() -> None:
         )
     finally:
         await runner.stop()
+
+
+def test_before_its_first_result_a_check_fails_readiness_and_passes_liveness() -> None:
+    runner = build_runner(
+        {"kind": "tcp", "name": "db", "address": "127.0.0.1:1"},
+        {"kind": "tcp", "name": "cache", "address": "127.0.0.1:1", "critical": False},
+    )
+    now = time.monotonic()
+
+    db = _state(runner, "db")
+    cache = _state(runner, "cache")
+
+    assert db.effective(now, "readiness") == ("fail", "no result yet")
+    assert db.effective(now, "liveness") == ("pass", "no result yet")
+    assert cache.effective(now, "readiness") == ("warn", "no result yet")
+    assert cache.raw_status(now, "readiness") == ("fail", "no result yet")

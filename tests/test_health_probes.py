@@ -73,8 +73,10 @@ async def test_defaults_pass_with_plain_ok(client_for: Any) -> None:
     await settle(sidecar)
 
     responses = [await client.get(path) for path in ("/livez", "/readyz", "/healthz")]
+    head = await client.head("/readyz")
 
     assert [(r.status_code, r.text) for r in responses] == [(200, "ok")] * 3
+    assert (head.status_code, head.text) == (200, "")
     assert responses[0].headers["content-type"] == "text/plain; charset=utf-8"
     assert responses[0].headers["cache-control"] == "no-store"
 

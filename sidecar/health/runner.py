@@ -107,17 +107,19 @@ class CheckState:
 
     def effective(self, now: float, probe: str) -> tuple[Status, str]:
         """Status and reason as ``probe`` (``liveness``/``readiness``/``all``) sees them now."""
+        status, reason = self.raw_status(now, probe)
+        if status == "fail" and not self.spec.critical:
+            return "warn", reason
+        return status, reason
+
+    def raw_status(self, now: float, probe: str) -> tuple[Status, str]:
+        """Like ``effective``, but a failing non-critical check stays ``fail``."""
         if now > self.deadline():
             interval = self.spec.interval
             return "fail", f"stale: no result for more than {STALE_INTERVALS}x {interval:g}s"
         if self.status is None:
-            if probe == "liveness":
-                return "pass", "no result yet"
-            return "fail", "no result yet"
-        reason = self.last.reason if self.last is not None else ""
-        if self.status == "fail" and not self.spec.critical:
-            return "warn", reason
-        return self.status, reason
+            return ("pass" if probe == "liveness" else "fail"), "no result yet"
+        return self.status, self.last.reason if self.last is not None else ""
 
 
 ProbeFactory = Callable[[], Awaitable[Outcome]]
@@ -413,9 +415,8 @@ class _HealthCollector(Collector):
         )
         for state in self.runner.states.values():
             spec = state.spec
-            current, _ = state.effective(now, "all")
-            if current == "warn" and state.status == "fail":
-                current = "fail"  # the metric keeps a non-critical failure visible as such
+            # The metric keeps a failing non-critical check visible as failing.
+            current, _ = state.raw_status(now, "all")
             critical = "true" if spec.critical else "false"
             for name in ("pass", "warn", "fail"):
                 status.add_metric([spec.name, spec.kind, critical, name], float(name == current))
