@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -366,8 +367,9 @@ def test_thresholds_delay_each_change_of_status() -> None:
 
 
 async def test_a_flapping_dependency_changes_status_only_past_the_thresholds(
-    peer: HttpPeer,
+    peer: HttpPeer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="sidecar.health.runner")
     runner = build_runner(
         {
             "kind": "http",
@@ -394,6 +396,16 @@ async def test_a_flapping_dependency_changes_status_only_past_the_thresholds(
 
     assert failures_when_failed >= 3
     assert successes_when_passed >= 2
+    changes = [
+        (record.levelname, record.getMessage())
+        for record in caplog.records
+        if record.name == "sidecar.health.runner" and "flappy" in record.getMessage()
+    ]
+    assert changes == [
+        ("INFO", "health check flappy is now pass (was unknown): ok"),
+        ("WARNING", "health check flappy is now fail (was pass): unexpected status 500"),
+        ("INFO", "health check flappy is now pass (was fail): ok"),
+    ]
 
 
 async def test_a_check_whose_task_stops_is_reported_stale() -> None:
