@@ -153,7 +153,6 @@ class HealthRunner:
         self.monitor = EventLoopMonitor()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._running = False
-        self._registry = registry
         self._duration = Histogram(
             "sidecar_health_check_duration_seconds",
             "Seconds taken by each health check run, including failed ones.",
