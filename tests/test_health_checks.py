@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -229,9 +230,10 @@ async def test_disk_check_thresholds_on_a_real_path(tmp_path: Path) -> None:
     assert passing.value is not None
     assert abs(passing.value - free) < free * 0.05
     assert warning.status == "warn"
-    assert warning.reason.endswith(f"free on {tmp_path}") or "free (" in warning.reason
+    shape = r"\d+(\.\d)?(B|KiB|MiB|GiB|TiB) free \(\d+\.\d%\) on " + re.escape(str(tmp_path))
+    assert re.fullmatch(shape, warning.reason), warning.reason
     assert failing.status == "fail"
-    assert "free" in failing.reason
+    assert re.fullmatch(shape, failing.reason), failing.reason
     assert by_ratio.status == "fail"
 
 
