@@ -377,8 +377,8 @@ async def test_a_flapping_dependency_changes_status_only_past_the_thresholds(
             "kind": "http",
             "name": "flappy",
             "url": peer.url,
-            "interval": "50ms",
-            "timeout": "40ms",
+            "interval": "300ms",
+            "timeout": "250ms",
             "failure_threshold": 3,
             "success_threshold": 2,
         }
@@ -456,3 +456,29 @@ def test_before_its_first_result_a_check_fails_readiness_and_passes_liveness() -
     assert db.effective(now, "liveness") == ("pass", "no result yet")
     assert cache.effective(now, "readiness") == ("warn", "no result yet")
     assert cache.raw_status(now, "readiness") == ("fail", "no result yet")
+
+
+async def test_event_loop_check_sees_a_blocked_loop() -> None:
+    config = HealthConfig.model_validate(
+        {"event_loop": {"interval": "1s", "warn_lag": "80ms", "fail_lag": "250ms"}}
+    )
+    runner = HealthRunner(config)
+    state = _state(runner, "event_loop")
+    await runner.start()
+    try:
+        await asyncio.sleep(0.3)  # let the monitor take a few samples
+        quiet = await runner.run_check(state)
+        time.sleep(0.2)  # noqa: ASYNC251 - blocking the loop is what this test measures
+        await asyncio.sleep(0.15)
+        slow = await runner.run_check(state)
+        time.sleep(0.5)  # noqa: ASYNC251 - blocking the loop is what this test measures
+        await asyncio.sleep(0.15)
+        blocked = await runner.run_check(state)
+    finally:
+        await runner.stop()
+
+    assert quiet.status == "pass"
+    assert slow.status == "warn"
+    assert blocked.status == "fail"
+    assert re.fullmatch(r"lag \d+\.\dms", blocked.reason)
+    assert blocked.value is None

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import yaml
 
+from sidecar.cli import main
 from tests.harness import SidecarProcess, free_port, require_tool, sidecar_env, wait_until
 from tests.health_peers import HttpPeer
 
@@ -28,7 +29,7 @@ def peer() -> Iterator[HttpPeer]:
 
 
 def web_check(url: str, **extra: Any) -> dict[str, Any]:
-    return {"kind": "http", "name": "web", "url": url, "interval": "200ms", "timeout": "150ms"} | (
+    return {"kind": "http", "name": "web", "url": url, "interval": "500ms", "timeout": "400ms"} | (
         extra
     )
 
@@ -175,3 +176,20 @@ def test_sidecar_check_reports_an_invalid_configuration(tmp_path: Path) -> None:
 
     assert code == 2
     assert "health.checks[0].address: must be host:port" in output
+
+
+def test_sidecar_check_in_process_prints_the_same_table(
+    tmp_path: Path, peer: HttpPeer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "checks.yaml"
+    path.write_text(yaml.safe_dump({"health": {"checks": [web_check(peer.url)]}}))
+
+    code = main(["check", "--config", str(path), "--only", "web", "--only", "event_loop"])
+
+    rows = table(capsys.readouterr().out)
+    assert code == 0
+    assert [row[:3] for row in rows] == [
+        ["NAME", "KIND", "STATUS"],
+        ["event_loop", "builtin", "pass"],
+        ["web", "http", "pass"],
+    ]

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -331,13 +333,21 @@ def _kill_group(pid: int) -> None:
 
 
 class EventLoopMonitor:
-    """Measures how late the event loop wakes up a sleeping task (its lag)."""
+    """Measures how late the event loop wakes up a sleeping task (its lag).
 
-    def __init__(self, tick: float = 0.1) -> None:
+    It samples every ``tick`` seconds and keeps the samples of the last ``window`` seconds, so
+    that any number of readers can ask for the worst lag of a recent period.
+    """
+
+    def __init__(self, tick: float = 0.1, window: float = 300.0) -> None:
         self.tick = tick
         self.last_lag = 0.0
-        self.worst_lag = 0.0
+        self._samples: deque[tuple[float, float]] = deque(maxlen=math.ceil(window / tick) + 1)
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
 
     def start(self) -> None:
         if self._task is None:
@@ -350,30 +360,30 @@ class EventLoopMonitor:
                 await self._task
             self._task = None
 
-    @property
-    def running(self) -> bool:
-        return self._task is not None
-
-    def take_worst(self) -> float:
-        """The worst lag since the previous call (at least the latest one)."""
-        worst, self.worst_lag = max(self.worst_lag, self.last_lag), 0.0
-        return worst
+    def worst_since(self, seconds: float) -> float:
+        """The worst lag sampled in the last ``seconds`` (0 when there is no sample)."""
+        cutoff = time.monotonic() - seconds
+        return max((lag for when, lag in reversed(self._samples) if when >= cutoff), default=0.0)
 
     async def _measure(self) -> None:
         while True:
             started = time.monotonic()
             await asyncio.sleep(self.tick)
-            self.last_lag = max(0.0, time.monotonic() - started - self.tick)
-            self.worst_lag = max(self.worst_lag, self.last_lag)
+            now = time.monotonic()
+            self.last_lag = max(0.0, now - started - self.tick)
+            self._samples.append((now, self.last_lag))
 
 
 class EventLoopProbe(Check):
     measurement = Measurement("lag", "s", "system")
 
-    def __init__(self, monitor: EventLoopMonitor, warn_lag: float, fail_lag: float) -> None:
+    def __init__(
+        self, monitor: EventLoopMonitor, warn_lag: float, fail_lag: float, window: float
+    ) -> None:
         self.monitor = monitor
         self.warn_lag = warn_lag
         self.fail_lag = fail_lag
+        self.window = window
 
     async def run(self) -> Outcome:
         if not self.monitor.running:
@@ -382,7 +392,7 @@ class EventLoopProbe(Check):
             await asyncio.sleep(0.01)
             lag = max(0.0, time.monotonic() - started - 0.01)
         else:
-            lag = self.monitor.take_worst()
+            lag = self.monitor.worst_since(self.window)
         described = f"lag {lag * 1000:.1f}ms"
         if lag > self.fail_lag:
             raise CheckFailed(described, "threshold")

@@ -323,13 +323,14 @@ class EventLoopConfig(Section):
     """The built-in check of the sidecar's own event loop, part of liveness."""
 
     interval: Duration = 5.0
-    """How often the check compares the measured lag with the thresholds."""
+    """How often the check compares the worst lag of the last interval with the thresholds
+    (the loop itself is sampled every 100ms)."""
 
     warn_lag: Duration = 0.1
-    """Warn when the loop was late by more than this since the previous run."""
+    """Warn when the loop was late by more than this during the last interval."""
 
     fail_lag: Duration = 2.0
-    """Fail when the loop was late by more than this since the previous run."""
+    """Fail when the loop was late by more than this during the last interval."""
 
     failure_threshold: Annotated[int, Field(ge=1, le=100)] = 3
     """Consecutive runs over `fail_lag` before liveness fails."""

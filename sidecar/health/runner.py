@@ -150,7 +150,7 @@ class HealthRunner:
         self.config = config
         self.draining = draining
         self.states: dict[str, CheckState] = {}
-        self.monitor = EventLoopMonitor()
+        self.monitor = EventLoopMonitor(window=config.event_loop.interval)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._running = False
         self._duration = Histogram(
@@ -174,7 +174,7 @@ class HealthRunner:
             CheckSpec(
                 name="event_loop",
                 kind="builtin",
-                check=EventLoopProbe(self.monitor, loop.warn_lag, loop.fail_lag),
+                check=EventLoopProbe(self.monitor, loop.warn_lag, loop.fail_lag, loop.interval),
                 interval=loop.interval,
                 timeout=min(1.0, loop.interval / 2),
                 failure_threshold=loop.failure_threshold,
@@ -378,7 +378,8 @@ class HealthRunner:
 
     async def run_once(self, names: Iterable[str] | None = None) -> list[tuple[CheckState, Result]]:
         """Run the chosen checks (all by default) once, concurrently, ignoring thresholds."""
-        chosen = [self.states[name] for name in names] if names else list(self.states.values())
+        wanted = set(names or self.states)
+        chosen = [state for name, state in self.states.items() if name in wanted]
         results = await asyncio.gather(*(self.run_check(state) for state in chosen))
         return list(zip(chosen, results, strict=True))
 
