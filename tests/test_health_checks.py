@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -482,3 +483,22 @@ async def test_event_loop_check_sees_a_blocked_loop() -> None:
     assert blocked.status == "fail"
     assert re.fullmatch(r"lag \d+\.\dms", blocked.reason)
     assert blocked.value is None
+
+
+async def test_a_blocked_thread_call_is_not_started_again_until_it_returns() -> None:
+    from sidecar.health.checks import BlockingCall, CheckFailed
+
+    release = threading.Event()
+    blocking = BlockingCall()
+
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.1):
+            await blocking.call(release.wait, 30)
+    with pytest.raises(CheckFailed, match="the previous run is still blocked") as second:
+        await blocking.call(lambda: "unused")
+    release.set()
+    await asyncio.to_thread(wait_until, lambda: blocking._pending.done(), what="thread returns")  # type: ignore[union-attr]
+    third = await blocking.call(lambda: "answer")
+
+    assert second.value.kind == "timeout"
+    assert third == "answer"

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import httpx
 import psutil
@@ -38,6 +38,8 @@ from sidecar.health.config import (
 )
 from sidecar.metrics.config import ProcessMetricsConfig, ProcessTarget
 from sidecar.metrics.process import ProcessSource
+
+_T = TypeVar("_T")
 
 Status = Literal["pass", "warn", "fail"]
 FailureReason = Literal["timeout", "error", "threshold", "stale"]
@@ -213,18 +215,39 @@ class RedisProbe(Check):
         await self.client.aclose()
 
 
+class BlockingCall:
+    """Runs a blocking function on a worker thread, never more than one call at a time.
+
+    A call that overruns its check's timeout cannot be stopped: its thread stays blocked (a
+    hung network mount). Rather than piling up one stuck thread per run until the shared pool
+    is exhausted for everyone, later runs fail at once while the first call is still blocked.
+    """
+
+    def __init__(self) -> None:
+        self._pending: asyncio.Future[Any] | None = None
+
+    async def call(self, function: Callable[..., _T], *args: Any) -> _T:
+        if self._pending is not None and not self._pending.done():
+            raise CheckFailed("the previous run is still blocked", "timeout")
+        loop = asyncio.get_running_loop()
+        self._pending = loop.run_in_executor(None, function, *args)
+        # Shielded, so that a cancelled run leaves the future to finish and be seen above.
+        return await asyncio.shield(self._pending)
+
+
 class DiskProbe(Check):
     measurement = Measurement("freeBytes", "bytes", "system")
 
     def __init__(self, config: DiskCheck) -> None:
         self.config = config
+        self.blocking = BlockingCall()
 
     async def run(self) -> Outcome:
         config = self.config
         try:
             # statvfs on a hung network mount blocks; a thread keeps the loop free, and the
             # runner's timeout stops waiting for it.
-            stats = await asyncio.to_thread(os.statvfs, config.path)
+            stats = await self.blocking.call(os.statvfs, config.path)
         except OSError as error:
             raise CheckFailed(f"cannot stat {config.path}: {error.strerror}") from error
         free = stats.f_bavail * stats.f_frsize
@@ -272,10 +295,11 @@ class ProcessProbe(Check):
             cmdline=config.cmdline,
         )
         self.source = ProcessSource(ProcessMetricsConfig(include_self=False))
+        self.blocking = BlockingCall()
 
     async def run(self) -> Outcome:
         # Walking /proc for every process takes milliseconds; keep it off the loop.
-        found = await asyncio.to_thread(self.source.find, self.target)
+        found = await self.blocking.call(self.source.find, self.target)
         count = len(found)
         if count < self.config.min_instances:
             raise CheckFailed(
