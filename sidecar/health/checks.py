@@ -229,6 +229,8 @@ class BlockingCall:
     async def call(self, function: Callable[..., _T], *args: Any) -> _T:
         if self._pending is not None and not self._pending.done():
             raise CheckFailed("the previous run is still blocked", "timeout")
+        if self._pending is not None and not self._pending.cancelled():
+            self._pending.exception()  # mark an abandoned call's error as seen
         loop = asyncio.get_running_loop()
         self._pending = loop.run_in_executor(None, function, *args)
         # Shielded, so that a cancelled run leaves the future to finish and be seen above.
