@@ -171,8 +171,17 @@ class PrometheusServer:
 
     def start(self) -> PrometheusServer:
         self.write_config()
-        log = (self.workdir / "prometheus.log").open("ab")
-        self.process = subprocess.Popen(
+        with (self.workdir / "prometheus.log").open("ab") as log:
+            self.process = self._launch(log)
+        wait_until(
+            lambda: httpx.get(self.url + "/-/ready", timeout=2).status_code == 200,
+            timeout=30,
+            what="Prometheus ready",
+        )
+        return self
+
+    def _launch(self, log: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             [
                 self.binary,
                 f"--config.file={self.config_path}",
@@ -185,12 +194,6 @@ class PrometheusServer:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        wait_until(
-            lambda: httpx.get(self.url + "/-/ready", timeout=2).status_code == 200,
-            timeout=30,
-            what="Prometheus ready",
-        )
-        return self
 
     def reload(self) -> None:
         httpx.post(self.url + "/-/reload", timeout=10).raise_for_status()

@@ -15,7 +15,14 @@ import pytest
 import yaml
 
 from sidecar.cli import main
-from tests.harness import SidecarProcess, free_port, require_tool, sidecar_env, wait_until
+from tests.harness import (
+    PrometheusServer,
+    SidecarProcess,
+    free_port,
+    require_tool,
+    sidecar_env,
+    wait_until,
+)
 from tests.health_peers import HttpPeer
 
 QUIET_METRICS = {"host": {"enabled": False}, "process": {"include_self": False}}
@@ -193,3 +200,40 @@ def test_sidecar_check_in_process_prints_the_same_table(
         ["event_loop", "builtin", "pass"],
         ["web", "http", "pass"],
     ]
+
+
+def test_prometheus_sees_readiness_and_check_status(
+    tmp_path: Path, peer: HttpPeer, prometheus: PrometheusServer
+) -> None:
+    sidecar = SidecarProcess(
+        tmp_path, {"metrics": QUIET_METRICS, "health": {"checks": [web_check(peer.url)]}}
+    ).start(wait_path="/livez")
+    prometheus.scrape("health-probe-up", sidecar.url)
+    selector = '{target_name="health-probe-up"}'
+
+    def value(expression: str) -> str | None:
+        result = prometheus.query(expression)
+        return str(result[0]["value"][1]) if result else None
+
+    try:
+        wait_until(
+            lambda: value(f'sidecar_health_probe_up{selector[:-1]},probe="readyz"}}') == "1",
+            timeout=30,
+            what="readyz up in Prometheus",
+        )
+        peer.status = 500
+        wait_until(
+            lambda: value(f'sidecar_health_probe_up{selector[:-1]},probe="readyz"}}') == "0",
+            timeout=30,
+            what="readyz down in Prometheus",
+        )
+        failing = value(f'sidecar_health_check_status{selector[:-1]},check="web",status="fail"}}')
+        errors = value(
+            f'sidecar_health_check_failures_total{selector[:-1]},check="web",reason="error"}}'
+        )
+    finally:
+        sidecar.stop()
+
+    assert failing == "1"
+    assert errors is not None
+    assert float(errors) >= 1
