@@ -173,6 +173,6 @@ def test_defaults_of_a_check() -> None:
         10.0,
         2.0,
         True,
-        ("readiness",),
+        ["readiness"],
     )
     assert config.health.show_reasons is False

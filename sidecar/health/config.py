@@ -11,15 +11,19 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import ConfigDict as ModelConfig
 from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
     Discriminator,
     Field,
     Tag,
     ValidationInfo,
     field_validator,
     model_validator,
+    with_config,
 )
+from typing_extensions import TypedDict
 
 from sidecar.fields import Duration, Secret, Section, Size, split_host_port
 
@@ -59,7 +63,7 @@ class CheckConfig(Section):
     critical: bool = True
     """A failing critical check fails its probes (503); a non-critical one only warns (200)."""
 
-    probes: tuple[ProbeName, ...] = ("readiness",)
+    probes: list[ProbeName] = Field(default_factory=lambda: ["readiness"])  # type: ignore[arg-type]
     """Probes the check belongs to. Dependencies belong in `readiness` only: a liveness
     failure restarts the container, which cannot repair a dependency."""
 
@@ -82,7 +86,7 @@ class CheckConfig(Section):
 
     @field_validator("probes")
     @classmethod
-    def _distinct_probes(cls, value: tuple[ProbeName, ...]) -> tuple[ProbeName, ...]:
+    def _distinct_probes(cls, value: list[ProbeName]) -> list[ProbeName]:
         if not value:
             raise ValueError("must name liveness, readiness or both")
         if len(set(value)) != len(value):
@@ -91,8 +95,10 @@ class CheckConfig(Section):
 
 
 class HttpCheck(CheckConfig):
-    kind: Literal["http"]
     """An HTTP request that passes on an expected status (and body)."""
+
+    kind: Literal["http"]
+    """Selects this kind of check."""
 
     url: str
     """`http://` or `https://` URL to request."""
@@ -103,7 +109,7 @@ class HttpCheck(CheckConfig):
     headers: dict[str, str] = Field(default_factory=dict)
     """Request headers. They are never logged; keep credentials out of them where you can."""
 
-    expected_status: tuple[Annotated[int, Field(ge=100, le=599)], ...] = ()
+    expected_status: list[Annotated[int, Field(ge=100, le=599)]] = Field(default_factory=list)
     """Status codes that pass; empty means any 2xx."""
 
     body_contains: str | None = None
@@ -145,8 +151,10 @@ class HttpCheck(CheckConfig):
 
 
 class TcpCheck(CheckConfig):
-    kind: Literal["tcp"]
     """A TCP connection that passes when it is accepted."""
+
+    kind: Literal["tcp"]
+    """Selects this kind of check."""
 
     address: str
     """`host:port` to connect to."""
@@ -161,8 +169,10 @@ class TcpCheck(CheckConfig):
 
 
 class RedisCheck(CheckConfig):
-    kind: Literal["redis"]
     """A Redis PING (and optionally a key that must exist)."""
+
+    kind: Literal["redis"]
+    """Selects this kind of check."""
 
     url: str = "redis://127.0.0.1:6379/0"
     """`redis://` or `rediss://` URL, without the password."""
@@ -184,8 +194,10 @@ class RedisCheck(CheckConfig):
 
 
 class DiskCheck(CheckConfig):
-    kind: Literal["disk"]
     """Free space of the filesystem holding a path."""
+
+    kind: Literal["disk"]
+    """Selects this kind of check."""
 
     path: Path
     """Any path on the filesystem to watch."""
@@ -210,8 +222,10 @@ class DiskCheck(CheckConfig):
 
 
 class MemoryCheck(CheckConfig):
-    kind: Literal["memory"]
     """Available memory of the host (or container, as the kernel reports it)."""
+
+    kind: Literal["memory"]
+    """Selects this kind of check."""
 
     warn_available_bytes: Size | None = None
     """Warn when less memory than this is available."""
@@ -233,8 +247,10 @@ class MemoryCheck(CheckConfig):
 
 
 class ProcessCheck(CheckConfig):
-    kind: Literal["process"]
     """Processes chosen like the process metrics' targets; passes when enough are running."""
+
+    kind: Literal["process"]
+    """Selects this kind of check."""
 
     pid_file: Path | None = None
     """Select the process whose id this file holds."""
@@ -259,8 +275,10 @@ class ProcessCheck(CheckConfig):
 
 
 class CommandCheck(CheckConfig):
-    kind: Literal["command"]
     """A command (no shell) that passes on exit status 0, like a Kubernetes exec probe."""
+
+    kind: Literal["command"]
+    """Selects this kind of check."""
 
     command: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
     """Program and arguments, such as `["pg_isready", "-q"]`."""
@@ -269,25 +287,25 @@ class CommandCheck(CheckConfig):
     """Bytes of combined output kept for the failure reason; the rest is discarded."""
 
 
-class _UnknownKind(Section):
-    """Stands in for an entry whose ``kind`` is missing or unknown, to report it on ``kind``."""
+def _reject_kind(value: str) -> str:
+    kinds = ", ".join(sorted(CHECK_KINDS))
+    raise ValueError(f"unknown check kind {value!r}; expected one of {kinds}")
 
-    model_config = ModelConfig(extra="ignore", frozen=True)
 
-    kind: str
+def _require_mapping(value: Any) -> Any:
+    if not isinstance(value, dict):
+        raise ValueError("each check must be a mapping with a kind and a name")
+    return value
 
-    @model_validator(mode="before")
-    @classmethod
-    def _mapping(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            raise ValueError("each check must be a mapping with a kind and a name")
-        return data
 
-    @field_validator("kind")
-    @classmethod
-    def _reject(cls, value: str) -> str:
-        kinds = ", ".join(sorted(CHECK_KINDS))
-        raise ValueError(f"unknown check kind {value!r}; expected one of {kinds}")
+@with_config(ConfigDict(extra="ignore"))
+class _UnknownKind(TypedDict):
+    """Stands in for an entry whose ``kind`` is missing or unknown, to report it on ``kind``.
+
+    A TypedDict rather than a model, so that the configuration reference does not list it.
+    """
+
+    kind: Annotated[str, AfterValidator(_reject_kind)]
 
 
 CHECK_KINDS: dict[str, type[CheckConfig]] = {
@@ -314,7 +332,7 @@ AnyCheck = Annotated[
     | Annotated[MemoryCheck, Tag("tag:memory")]
     | Annotated[ProcessCheck, Tag("tag:process")]
     | Annotated[CommandCheck, Tag("tag:command")]
-    | Annotated[_UnknownKind, Tag("tag:unknown")],
+    | Annotated[_UnknownKind, BeforeValidator(_require_mapping), Tag("tag:unknown")],
     Discriminator(_kind_tag),
 ]
 
