@@ -41,22 +41,25 @@ def make_sidecar(checks: list[dict[str, Any]], **health: Any) -> Sidecar:
 
 @pytest.fixture
 async def client_for() -> AsyncIterator[Any]:
-    """Start a sidecar in process and give an HTTP client for its app."""
-    stack: list[Any] = []
+    """Start a sidecar's health runner in process and give an HTTP client for its app.
+
+    Only the runner starts: other components (listeners on fixed default ports) are not what
+    these tests are about, and the subprocess tests run the whole sidecar.
+    """
+    stack: list[tuple[Sidecar, httpx.AsyncClient]] = []
 
     async def start(sidecar: Sidecar) -> httpx.AsyncClient:
-        running = sidecar.running()
-        await running.__aenter__()
+        await sidecar.health.start()
         client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=sidecar.app), base_url="http://sidecar"
         )
-        stack.append((running, client))
+        stack.append((sidecar, client))
         return client
 
     yield start
-    for running, client in reversed(stack):
+    for sidecar, client in reversed(stack):
         await client.aclose()
-        await running.__aexit__(None, None, None)
+        await sidecar.health.stop()
 
 
 async def settle(sidecar: Sidecar) -> None:
