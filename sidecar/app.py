@@ -25,6 +25,10 @@ from starlette.routing import BaseRoute, Route
 from sidecar import __version__
 from sidecar.alerts.pipeline import build_alerts
 from sidecar.config import Config
+from sidecar.errors import SidecarError
+from sidecar.health import CheckFailed, Outcome
+from sidecar.health.config import OUTBOX_CHECK
+from sidecar.health.endpoints import install_health
 from sidecar.metrics.exposition import Exposition
 from sidecar.metrics.host import FilesystemSource, host_sources
 from sidecar.metrics.ingest import build_ingest
@@ -93,9 +97,26 @@ class Sidecar:
         )
         self.components.extend(self.telemetry.components)
         self._build_metrics()
+        self.health = install_health(self)
         self._build_ingest()
         self.alerts = build_alerts(self)
+        self._add_outbox_check()
         self._app: Starlette | None = None
+
+    def _add_outbox_check(self) -> None:
+        """Readiness fails while the alert outbox cannot store (Alertmanager would get 503s)."""
+        alerts = self.alerts
+        if alerts is None:
+            return
+
+        async def storage_answers() -> Outcome:
+            try:
+                await alerts.check_storage()
+            except SidecarError as error:
+                raise CheckFailed(f"outbox storage unavailable: {error}") from error
+            return Outcome()
+
+        self.health.add_builtin(OUTBOX_CHECK, storage_answers, interval=10.0, timeout=5.0)
 
     def _build_metrics(self) -> None:
         metrics = self.config.metrics

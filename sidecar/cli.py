@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_outbox_commands(commands, _add_config_argument)
     add_notify_commands(commands, _add_config_argument)
+    check = commands.add_parser(
+        "check", help="run the health checks once, print a table, fail if a critical one fails"
+    )
+    _add_config_argument(check)
+    check.add_argument(
+        "--only", action="append", default=[], metavar="NAME", help="run only this check"
+    )
+    check.set_defaults(handler=check_command)
     return parser
 
 
@@ -139,6 +147,15 @@ def check_config_command(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(f"{args.file}: valid")
     return EXIT_OK
+
+
+def check_command(args: argparse.Namespace) -> int:
+    config = load_or_report(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    from sidecar.health.report import run_checks_once
+
+    return run_checks_once(config, args.only, sys.stdout)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError
 from sidecar.alerts.config import AlertsConfig
 from sidecar.errors import ConfigError
 from sidecar.fields import Duration, ListenAddress, Secret, Section
+from sidecar.health.config import HealthConfig
 from sidecar.metrics.config import MetricsConfig
 from sidecar.metrics.ingest_config import IngestConfig
 from sidecar.telemetry.config import TelemetryConfig
@@ -42,8 +43,9 @@ class ServerConfig(Section):
     """Log one line per HTTP request (off: probes and scrapes would drown everything else)."""
 
     shutdown_delay: Duration = 0.0
-    """After SIGTERM, keep serving this long with readiness failing, so that Kubernetes takes
-    the pod out of its Service before the listeners close."""
+    """After SIGTERM, keep serving this long with readiness failing (liveness still passing),
+    so that Kubernetes takes the pod out of its Service before the listeners close. Set it a
+    little above the readiness probe's `periodSeconds × failureThreshold`."""
 
     shutdown_timeout: Duration = 10.0
     """How long requests in flight may take to finish once the listeners are closed."""
@@ -58,15 +60,18 @@ class Config(Section):
     metrics: MetricsConfig = MetricsConfig()
     """Host and process metrics."""
 
-    # Validated even when absent from the file: the OTEL_* environment variables fill it.
-    telemetry: TelemetryConfig = Field(default_factory=dict, validate_default=True)
-    """OpenTelemetry push of metrics and alert-pipeline traces over OTLP/HTTP."""
+    health: HealthConfig = HealthConfig()
+    """Health checks behind `/livez`, `/readyz` and `/healthz`."""
 
     ingest: IngestConfig = IngestConfig()
     """Application metrics received over StatsD and OTLP/HTTP."""
 
     alerts: AlertsConfig = AlertsConfig()
     """Alertmanager webhook receiver, durable outbox, routing and delivery."""
+
+    # Validated even when absent from the file: the OTEL_* environment variables fill it.
+    telemetry: TelemetryConfig = Field(default_factory=dict, validate_default=True)
+    """OpenTelemetry push of metrics and alert-pipeline traces over OTLP/HTTP."""
 
 
 @dataclass(frozen=True)

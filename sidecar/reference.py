@@ -65,7 +65,7 @@ def _rows(field: FieldInfo, path: str) -> Iterator[str]:
             if tag is not None:
                 yield f"| `{prefix}` | ({tag}) | | {_one_line(variant.__doc__ or '')} |"
             for name, child in variant.model_fields.items():
-                yield from _rows(child, f"{prefix}.{name}")
+                yield from _rows(child, f"{prefix}.{child.alias or name}")
         return
     description = _one_line(field.description or "")
     type_name = "duration" if _is_duration(field) else _type_name(annotation)
@@ -134,7 +134,8 @@ def _type_name(annotation: Any) -> str:
         return "regex"
     if isinstance(annotation, type) and issubclass(annotation, Enum):
         return " \\| ".join(f"`{member.value}`" for member in annotation)
-    return known.get(annotation, getattr(annotation, "__name__", str(annotation)))
+    name = known.get(annotation, getattr(annotation, "__name__", str(annotation)))
+    return "template" if name == "TemplateText" else name
 
 
 def _default(field: FieldInfo) -> str:
@@ -146,6 +147,8 @@ def _default(field: FieldInfo) -> str:
         return ""
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
+    if isinstance(value, Secret):
+        value = value.reveal()  # a default is a constant of the code, not a user's secret
     if isinstance(value, re.Pattern):
         return f"`{_escape(value.pattern)}`"
     if _is_duration(field) and isinstance(value, int | float):

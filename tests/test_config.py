@@ -272,7 +272,7 @@ def _paths(node: object, prefix: str = "") -> list[str]:
             found.extend(_paths(value, path))
         return found
     if isinstance(node, list):
-        return [path for item in node for path in _paths(item, prefix + "[]")]
+        return [prefix + "[]"] + [path for item in node for path in _paths(item, prefix + "[]")]
     return []
 
 
