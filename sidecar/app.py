@@ -101,6 +101,10 @@ class Sidecar:
         self._build_ingest()
         self.alerts = build_alerts(self)
         self._add_outbox_check()
+        # The health runner starts last, so that its first results see every part running
+        # (the outbox check would otherwise fail until its next interval), and stops first.
+        self.components.remove(self.health)
+        self.components.append(self.health)
         self._app: Starlette | None = None
 
     def _add_outbox_check(self) -> None:

@@ -38,7 +38,7 @@ EVERY_PART: dict[str, Any] = {
             {
                 "kind": "discord",
                 "name": "ops",
-                "webhook_url": "https://discord.com/api/webhooks/1/not-a-token",
+                "webhook_url": "https://discord.com/api/webhooks/123456789012345678/not-a-real-token-0123456789",
             },
         ],
     },

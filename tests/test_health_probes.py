@@ -34,6 +34,8 @@ def make_sidecar(checks: list[dict[str, Any]], **health: Any) -> Sidecar:
         {
             "metrics": {"host": {"enabled": False}, "process": {"include_self": False}},
             "health": {"checks": checks, **health},
+            # Without the receiver there is no outbox, whose built-in check needs it running.
+            "alerts": {"receiver": {"enabled": False}},
         }
     )
     return Sidecar(config)

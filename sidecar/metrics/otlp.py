@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import itertools
 import json
 import logging
@@ -35,16 +36,9 @@ import math
 import re
 import zlib
 from collections.abc import Iterable
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
-from google.protobuf import json_format
-from google.protobuf.message import DecodeError
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
-    ExportMetricsServiceRequest,
-    ExportMetricsServiceResponse,
-)
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric as OtlpMetric
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
@@ -55,7 +49,34 @@ from starlette.routing import Route
 from sidecar.metrics.ingest_config import OtlpConfig
 from sidecar.metrics.store import COUNTER, GAUGE, HISTOGRAM, SUMMARY, IngestStats, Series, Store
 
+if TYPE_CHECKING:
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+        ExportMetricsServiceRequest,
+    )
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+    from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric as OtlpMetric
+
 logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def _protobuf() -> SimpleNamespace:
+    """The protobuf messages, imported with the first export: they cost about 4 MB resident,
+    which a sidecar whose application never sends OTLP should not pay."""
+    from google.protobuf import json_format
+    from google.protobuf.message import DecodeError
+    from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+    from opentelemetry.proto.common.v1 import common_pb2
+
+    return SimpleNamespace(
+        json_format=json_format,
+        DecodeError=DecodeError,
+        Request=metrics_service_pb2.ExportMetricsServiceRequest,
+        Response=metrics_service_pb2.ExportMetricsServiceResponse,
+        AnyValue=common_pb2.AnyValue,
+        KeyValue=common_pb2.KeyValue,
+    )
+
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
@@ -172,7 +193,8 @@ def _attribute_text(value: AnyValue) -> str:
         return base64.b64encode(value.bytes_value).decode()
     if kind is None:
         return ""
-    return json.dumps(json_format.MessageToDict(value)[_json_key(kind)], separators=(",", ":"))
+    as_dict = _protobuf().json_format.MessageToDict(value)
+    return json.dumps(as_dict[_json_key(kind)], separators=(",", ":"))
 
 
 def _json_key(kind: str) -> str:
@@ -202,8 +224,9 @@ def _resource_labels(attributes: dict[str, str]) -> tuple[dict[str, str], dict[s
     if "service.instance.id" in attributes:
         promoted["instance"] = attributes["service.instance.id"]
     info = dict(promoted)
+    proto = _protobuf()
     rest = [
-        KeyValue(key=key, value=AnyValue(string_value=value))
+        proto.KeyValue(key=key, value=proto.AnyValue(string_value=value))
         for key, value in attributes.items()
         if key not in ("service.name", "service.namespace", "service.instance.id")
     ]
@@ -317,13 +340,19 @@ class OtlpReceiver:
                 return self._too_large(limit, use_json)
             body = inflated
 
-        message = ExportMetricsServiceRequest()
+        proto = _protobuf()
+        message = proto.Request()
         try:
             if use_json:
-                json_format.Parse(body, message, ignore_unknown_fields=True)
+                proto.json_format.Parse(body, message, ignore_unknown_fields=True)
             else:
                 message.ParseFromString(body)
-        except (DecodeError, json_format.ParseError, UnicodeDecodeError, ValueError) as error:
+        except (
+            proto.DecodeError,
+            proto.json_format.ParseError,
+            UnicodeDecodeError,
+            ValueError,
+        ) as error:
             return self._error(
                 400, _INVALID_ARGUMENT, f"cannot decode the export request: {error}", use_json
             )
@@ -332,7 +361,7 @@ class OtlpReceiver:
             outcome = await asyncio.to_thread(self.apply, message)
         else:
             outcome = self.apply(message)
-        response = ExportMetricsServiceResponse()
+        response = proto.Response()
         if outcome.rejected_points:
             response.partial_success.rejected_data_points = outcome.rejected_points
             response.partial_success.error_message = "rejected: " + "; ".join(outcome.examples)
@@ -451,7 +480,8 @@ class OtlpReceiver:
     def _respond(self, status: int, message: Any, use_json: bool) -> Response:
         self.responses[str(status)] = self.responses.get(str(status), 0) + 1
         if use_json:
-            return Response(json_format.MessageToJson(message), status, media_type=JSON)
+            body = _protobuf().json_format.MessageToJson(message)
+            return Response(body, status, media_type=JSON)
         return Response(message.SerializeToString(), status, media_type=PROTOBUF)
 
     def _error(
