@@ -159,7 +159,12 @@ def alerts_config(tmp_path: Path, **alerts: Any) -> dict[str, Any]:
             section[key] = {**section[key], **value}
         else:
             section[key] = value
-    return {"metrics": {"host": {"enabled": False}}, "alerts": section}
+    return {
+        "metrics": {"host": {"enabled": False}},
+        # The default StatsD and OTLP ports are fixed; other tests on the machine bind them too.
+        "ingest": {"statsd": {"enabled": False}, "otlp": {"enabled": False}},
+        "alerts": section,
+    }
 
 
 def build_sidecar(document: dict[str, Any], notifiers: dict[str, RecordingNotifier]) -> Sidecar:

@@ -24,6 +24,7 @@ from sidecar.alerts.metrics import AlertMetrics
 from sidecar.alerts.outbox.base import Claim, Outbox, OutboxUnavailable
 from sidecar.alerts.payload import Notification
 from sidecar.notify.base import Attempt, DeliveryError, Notifier
+from sidecar.telemetry.tracing import NOOP_TRACER, PipelineTracer
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,11 @@ def backoff(attempt: int, initial: float, maximum: float) -> float:
     return random.uniform(initial / 2, max(initial / 2, ceiling))  # noqa: S311 - not crypto
 
 
+def _codes(kind: str, status: int | None) -> dict[str, int | None]:
+    """The span attribute a notifier's status goes into: SMTP reply code or HTTP status."""
+    return {"smtp_code": status} if kind == "email" else {"status_code": status}
+
+
 class Dispatcher:
     """Delivers what the outbox holds; ``wake()`` after an enqueue shortens the wait."""
 
@@ -47,8 +53,10 @@ class Dispatcher:
         notifiers: dict[str, Notifier],
         config: DispatcherConfig,
         metrics: AlertMetrics,
+        tracer: PipelineTracer = NOOP_TRACER,
     ) -> None:
         self.outbox = outbox
+        self.tracer = tracer
         self.notifiers = notifiers
         self.config = config
         self.metrics = metrics
@@ -166,20 +174,42 @@ class Dispatcher:
 
         number = claim.attempts + 1
         self.metrics.attempts.labels(name).inc()
-        try:
-            await notifier.send(notification, Attempt(claim.delivery_id, name, number))
-        except DeliveryError as error:
-            if not error.retryable:
-                await self._bury(claim, f"permanent failure: {error.reason}")
+        kind = getattr(notifier, "kind", "")
+        last = number >= self.config.max_attempts
+        failure: DeliveryError | None = None
+        unexpected: Exception | None = None
+        # The trace continues from the context the receiver stored, in whichever replica.
+        trace = self.tracer.resume(claim.trace_context)
+        with trace.attempt(name, kind=kind, number=number) as span:
+            try:
+                delivered = await notifier.send(
+                    notification, Attempt(claim.delivery_id, name, number)
+                )
+            except DeliveryError as error:
+                failure = error
+                span.failed(
+                    retryable=error.retryable and not last,
+                    **_codes(kind, error.status),
+                    reason=type(error).__name__,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                unexpected = error
+                span.failed(retryable=not last, reason=type(error).__name__)
+            else:
+                span.succeeded(**_codes(kind, delivered.status))
+
+        if failure is not None:
+            if not failure.retryable:
+                await self._bury(claim, f"permanent failure: {failure.reason}")
                 return
-            await self._retry(claim, number, error.reason, error.retry_after)
+            await self._retry(claim, number, failure.reason, failure.retry_after)
             return
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
+        if unexpected is not None:
             # A notifier bug must not stop delivery to the others; retry it like a failure.
-            logger.exception("notifier %s raised unexpectedly", name)
-            await self._retry(claim, number, f"{type(error).__name__}: {error}", None)
+            logger.error("notifier %s raised unexpectedly", name, exc_info=unexpected)
+            await self._retry(claim, number, f"{type(unexpected).__name__}: {unexpected}", None)
             return
 
         await self.outbox.complete(claim.delivery_id)

@@ -25,6 +25,7 @@ from sidecar.alerts.payload import Notification
 from sidecar.alerts.routing import Router
 from sidecar.config import format_location
 from sidecar.notify.base import Notifier
+from sidecar.telemetry.tracing import NOOP_TRACER, NotificationTrace, PipelineTracer
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,12 @@ class Receiver:
         dispatcher: Dispatcher,
         notifiers: dict[str, Notifier],
         metrics: AlertMetrics,
+        tracer: PipelineTracer = NOOP_TRACER,
+        backend: str = "sqlite",
     ) -> None:
         self.config = config
+        self.tracer = tracer
+        self.backend = backend
         self.authenticator = authenticator
         self.router = router
         self.outbox = outbox
@@ -62,10 +67,16 @@ class Receiver:
         named = request.path_params.get("receiver")
         # Unknown names are not used as metric labels: callers choose them.
         label = named if named is not None and self.router.has_receiver(named) else _UNNAMED
+        with self.tracer.receive(label, request.headers) as trace:
+            return await self._handle(request, named, label, trace)
 
+    async def _handle(
+        self, request: Request, named: str | None, label: str, trace: NotificationTrace
+    ) -> Response:
         reason = self.authenticator.check(request.headers.get("authorization"))
         if reason is not None:
             self.metrics.received.labels(label, "rejected").inc()
+            trace.finish(outcome="rejected", status_code=401)
             return JSONResponse(
                 {"error": reason},
                 status_code=401,
@@ -73,12 +84,13 @@ class Receiver:
             )
         # After authentication, so that receiver names are not told to strangers.
         if named is not None and not self.router.has_receiver(named):
-            return self._reject(_UNNAMED, 404, f"no receiver named {named!r} is configured")
+            return self._reject(trace, _UNNAMED, 404, f"no receiver named {named!r} is configured")
 
         content_type = request.headers.get("content-type", "")
         media_type = content_type.split(";", 1)[0].strip().lower()
         if media_type != "application/json":
             return self._reject(
+                trace,
                 label,
                 415,
                 f"content type must be application/json (got {content_type or 'none'!r})",
@@ -88,29 +100,45 @@ class Receiver:
             body = await self._read_body(request)
         except BodyTooLarge:
             return self._reject(
-                label, 413, f"body larger than {int(self.config.max_body_size)} bytes"
+                trace, label, 413, f"body larger than {int(self.config.max_body_size)} bytes"
             )
         except ClientDisconnect:
-            return self._reject(label, 400, "the client disconnected before sending the body")
+            return self._reject(
+                trace, label, 400, "the client disconnected before sending the body"
+            )
 
         notification, problem = _parse(body)
         if notification is None:
-            return self._reject(label, 400, problem)
+            return self._reject(trace, label, 400, problem)
         text = body.decode("utf-8")  # valid: _parse checked it
 
         receiver = named or notification.receiver
         label = named or (receiver if self.router.has_receiver(receiver) else _UNNAMED)
-        destinations = [
-            name
-            for name in self.router.destinations_for(notification.common_labels, named)
-            if notification.status == "firing" or self.notifiers[name].send_resolved
-        ]
+        trace.annotate(
+            receiver=receiver,
+            group_key=notification.group_key,
+            alerts=len(notification.alerts),
+            status=notification.status,
+        )
+        with trace.route() as route:
+            destinations = [
+                name
+                for name in self.router.destinations_for(notification.common_labels, named)
+                if notification.status == "firing" or self.notifiers[name].send_resolved
+            ]
+            route.annotate(destinations=destinations)
         try:
-            stored = await self.outbox.enqueue(
-                notification, destinations, dedup_key(receiver, notification), text
-            )
+            with trace.store(backend=self.backend):
+                stored = await self.outbox.enqueue(
+                    notification,
+                    destinations,
+                    dedup_key(receiver, notification),
+                    text,
+                    trace_context=trace.carrier(),
+                )
         except (OutboxFull, OutboxUnavailable) as error:
             self.metrics.received.labels(label, "unavailable").inc()
+            trace.finish(outcome="unavailable", status_code=503)
             logger.warning("refused a notification for now: %s", error)
             return JSONResponse(
                 {"error": f"the outbox cannot take the notification now: {error}"},
@@ -121,8 +149,10 @@ class Receiver:
         if not stored:
             self.metrics.received.labels(label, "duplicate").inc()
             self.metrics.deduplicated.labels(label).inc()
+            trace.finish(outcome="duplicate", status_code=200)
             return JSONResponse({"status": "duplicate"})
         self.metrics.received.labels(label, "accepted").inc()
+        trace.finish(outcome="accepted", status_code=200)
         if destinations:
             self.dispatcher.remember(text, notification)
             self.dispatcher.wake(destinations)
@@ -140,8 +170,9 @@ class Receiver:
                 raise BodyTooLarge
         return bytes(chunks)
 
-    def _reject(self, label: str, status: int, message: str) -> Response:
+    def _reject(self, trace: NotificationTrace, label: str, status: int, message: str) -> Response:
         self.metrics.received.labels(label, "rejected").inc()
+        trace.finish(outcome="rejected", status_code=status)
         return JSONResponse({"error": message}, status_code=status)
 
 
