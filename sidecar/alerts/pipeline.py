@@ -171,6 +171,7 @@ def build_alerts(sidecar: Sidecar) -> AlertPipeline | None:
     sidecar.routes.append(Route(path or "/", endpoint, methods=["POST"]))
     sidecar.routes.append(Route(f"{path}/{{receiver}}", endpoint, methods=["POST"]))
     sidecar.links.append(Link(path or "/", "Alertmanager webhook receiver (POST)"))
+    sidecar.direct_routes.append(pipeline.receiver.match)
     sidecar.components.append(pipeline.outbox)
     sidecar.components.append(pipeline.dispatcher)
     return pipeline

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sidecar.alerts.auth import Authenticator
 from sidecar.alerts.config import ReceiverConfig
@@ -62,31 +64,92 @@ class Receiver:
         self.dispatcher = dispatcher
         self.notifiers = notifiers
         self.metrics = metrics
+        self._path = config.path.rstrip("/") or "/"
+        self._prefix = config.path.rstrip("/") + "/"
+        self._counters: dict[tuple[str, str], Any] = {}
+
+    def match(self, scope: Scope) -> ASGIApp | None:
+        """This receiver for a POST to its path or ``<path>/<receiver>``, else None.
+
+        The composition root asks this before its router: the webhook is the hot path, and
+        the generic routing and middleware cost more per request than the receiver itself.
+        Other methods on these paths fall through to the router (405 from there)."""
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return None
+        path: str = scope["path"]
+        if path == self._path:
+            return self
+        if path.startswith(self._prefix):
+            name = path[len(self._prefix) :]
+            if name and "/" not in name:
+                return self
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI app of ``POST <path>`` and ``POST <path>/<receiver>``."""
+        path: str = scope["path"]
+        named = path[len(self._prefix) :] if path.startswith(self._prefix) else None
+        # Header names arrive lower-case from the server; values are latin-1 per HTTP.
+        headers = {
+            name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
+        }
+        status, body, extra = await self.handle(named or None, headers, receive)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    *extra,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
 
     async def endpoint(self, request: Request) -> Response:
-        named = request.path_params.get("receiver")
+        """The same handling for a Starlette route (the direct ASGI path is the usual one)."""
+        status, body, extra = await self.handle(
+            request.path_params.get("receiver"), request.headers, request.receive
+        )
+        return Response(
+            body,
+            status_code=status,
+            media_type="application/json",
+            headers={name.decode(): value.decode() for name, value in extra},
+        )
+
+    async def handle(
+        self, named: str | None, headers: Mapping[str, str], receive: Receive
+    ) -> Answer:
+        """Answer one webhook request: status, JSON body and extra headers.
+
+        ``headers`` is looked up by lower-case name; ``receive`` is the request's ASGI receive
+        channel, whose body has not been read yet."""
         # Unknown names are not used as metric labels: callers choose them.
         label = named if named is not None and self.router.has_receiver(named) else _UNNAMED
-        with self.tracer.receive(label, request.headers) as trace:
-            return await self._handle(request, named, label, trace)
+        with self.tracer.receive(label, headers) as trace:
+            return await self._handle(headers, receive, named, label, trace)
 
     async def _handle(
-        self, request: Request, named: str | None, label: str, trace: NotificationTrace
-    ) -> Response:
-        reason = self.authenticator.check(request.headers.get("authorization"))
+        self,
+        headers: Mapping[str, str],
+        receive: Receive,
+        named: str | None,
+        label: str,
+        trace: NotificationTrace,
+    ) -> Answer:
+        reason = self.authenticator.check(headers.get("authorization"))
         if reason is not None:
-            self.metrics.received.labels(label, "rejected").inc()
+            self._count(label, "rejected")
             trace.finish(outcome="rejected", status_code=401)
-            return JSONResponse(
-                {"error": reason},
-                status_code=401,
-                headers={"WWW-Authenticate": self.authenticator.challenge},
-            )
+            challenge = self.authenticator.challenge.encode("latin-1")
+            return 401, _json({"error": reason}), [(b"www-authenticate", challenge)]
         # After authentication, so that receiver names are not told to strangers.
         if named is not None and not self.router.has_receiver(named):
             return self._reject(trace, _UNNAMED, 404, f"no receiver named {named!r} is configured")
 
-        content_type = request.headers.get("content-type", "")
+        content_type = headers.get("content-type", "")
         media_type = content_type.split(";", 1)[0].strip().lower()
         if media_type != "application/json":
             return self._reject(
@@ -97,7 +160,7 @@ class Receiver:
             )
 
         try:
-            body = await self._read_body(request)
+            body = await self._read_body(headers, receive)
         except BodyTooLarge:
             return self._reject(
                 trace, label, 413, f"body larger than {int(self.config.max_body_size)} bytes"
@@ -137,43 +200,71 @@ class Receiver:
                     trace_context=trace.carrier(),
                 )
         except (OutboxFull, OutboxUnavailable) as error:
-            self.metrics.received.labels(label, "unavailable").inc()
+            self._count(label, "unavailable")
             trace.finish(outcome="unavailable", status_code=503)
             logger.warning("refused a notification for now: %s", error)
-            return JSONResponse(
-                {"error": f"the outbox cannot take the notification now: {error}"},
-                status_code=503,
-                headers={"Retry-After": str(max(1, round(self.config.retry_after)))},
+            retry_after = str(max(1, round(self.config.retry_after))).encode()
+            return (
+                503,
+                _json({"error": f"the outbox cannot take the notification now: {error}"}),
+                [(b"retry-after", retry_after)],
             )
 
         if not stored:
-            self.metrics.received.labels(label, "duplicate").inc()
+            self._count(label, "duplicate")
             self.metrics.deduplicated.labels(label).inc()
             trace.finish(outcome="duplicate", status_code=200)
-            return JSONResponse({"status": "duplicate"})
-        self.metrics.received.labels(label, "accepted").inc()
+            return 200, b'{"status":"duplicate"}', []
+        self._count(label, "accepted")
         trace.finish(outcome="accepted", status_code=200)
         if destinations:
             self.dispatcher.remember(text, notification)
             self.dispatcher.wake(destinations)
-        return JSONResponse({"status": "accepted", "destinations": destinations})
+        return 200, _json({"status": "accepted", "destinations": destinations}), []
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def _read_body(self, headers: Mapping[str, str], receive: Receive) -> bytes:
+        # Straight from the ASGI messages: an async generator here would cost more than the
+        # rest of the read (the event loop registers every one it sees).
         limit = int(self.config.max_body_size)
-        declared = request.headers.get("content-length", "")
+        declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise BodyTooLarge
-        chunks = bytearray()
-        async for chunk in request.stream():
-            chunks += chunk
-            if len(chunks) > limit:
+        parts: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect
+            chunk = message.get("body", b"")
+            parts.append(chunk)
+            size += len(chunk)
+            if size > limit:
                 raise BodyTooLarge
-        return bytes(chunks)
+            more = message.get("more_body", False)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _reject(self, trace: NotificationTrace, label: str, status: int, message: str) -> Response:
-        self.metrics.received.labels(label, "rejected").inc()
+    def _count(self, label: str, outcome: str) -> None:
+        # The labelled child is looked up once per pair: labels() costs more than inc().
+        counter = self._counters.get((label, outcome))
+        if counter is None:
+            counter = self._counters[(label, outcome)] = self.metrics.received.labels(
+                label, outcome
+            )
+        counter.inc()
+
+    def _reject(self, trace: NotificationTrace, label: str, status: int, message: str) -> Answer:
+        self._count(label, "rejected")
         trace.finish(outcome="rejected", status_code=status)
-        return JSONResponse({"error": message}, status_code=status)
+        return status, _json({"error": message}), []
+
+
+Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]
+"""HTTP status, JSON body and extra headers (lower-case names) of a webhook answer."""
+
+
+def _json(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def _parse(body: bytes) -> tuple[Notification | None, str]:
