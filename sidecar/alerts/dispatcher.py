@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 HOUSEKEEPING_INTERVAL = 5.0
 PARSED_CACHE_SIZE = 256
+PARSED_STALE_AFTER = 10.0
 PRUNE_INTERVAL = 60.0
 
 
@@ -67,13 +68,21 @@ class Dispatcher:
         self._batch = max(1, config.concurrency // 2)
         # Notifications the receiver validated moments ago, by stored body: most deliveries
         # are claimed right after acceptance and need not be validated a second time.
-        self._parsed: OrderedDict[str, Notification] = OrderedDict()
+        self._parsed: OrderedDict[str, tuple[float, Notification]] = OrderedDict()
 
     def remember(self, body: str, notification: Notification) -> None:
         """Keep the validated form of a body just stored, for its first delivery."""
-        self._parsed[body] = notification
-        if len(self._parsed) > PARSED_CACHE_SIZE:
+        now = time.monotonic()
+        if len(self._parsed) >= PARSED_CACHE_SIZE:
+            oldest, _ = next(iter(self._parsed.values()))
+            if now - oldest < PARSED_STALE_AFTER:
+                # The dispatcher is that far behind (a burst): a body kept now would be evicted
+                # before its delivery is claimed, and keeping it costs the receiver more than
+                # validating it again later (a full cache of young objects for the collector).
+                return
+            # Entries this old belong to deliveries that failed or went elsewhere.
             self._parsed.popitem(last=False)
+        self._parsed[body] = (now, notification)
 
     def wake(self, destinations: list[str]) -> None:
         for name in destinations:
@@ -164,7 +173,8 @@ class Dispatcher:
                 claim, f"gave up after {claim.attempts} attempts and {age:.0f}s since acceptance"
             )
             return
-        notification = self._parsed.get(claim.body)
+        cached = self._parsed.get(claim.body)
+        notification = cached[1] if cached is not None else None
         if notification is None:
             try:
                 notification = Notification.model_validate_json(claim.body)
