@@ -127,3 +127,31 @@ async def test_named_receiver_path_selects_the_receiver(
         page = (await client.get(base + "/metrics")).text
     assert answer.status_code == 200, answer.text
     assert 'sidecar_alerts_received_total{outcome="accepted",receiver="default"} 1.0' in page
+
+
+async def test_a_repeated_authorization_header_counts_by_its_first_value(
+    served: tuple[Sidecar, RecordingNotifier, str],
+) -> None:
+    _, notifier, base = served
+    body = json.dumps(payload("repeated")).encode()
+    async with httpx.AsyncClient() as client:
+        bad_first = await client.post(
+            base + "/alerts",
+            content=body,
+            headers=[
+                ("content-type", "application/json"),
+                ("authorization", "Bearer wrong-token"),
+                ("authorization", f"Bearer {TOKEN}"),
+            ],
+        )
+        good_first = await client.post(
+            base + "/alerts",
+            content=body,
+            headers=[
+                ("content-type", "application/json"),
+                ("authorization", f"Bearer {TOKEN}"),
+                ("authorization", "Bearer wrong-token"),
+            ],
+        )
+    assert (bad_first.status_code, good_first.status_code) == (401, 200)
+    await poll(lambda: notifier.records, what="the authenticated notification delivered")

@@ -167,9 +167,11 @@ def build_alerts(sidecar: Sidecar) -> AlertPipeline | None:
         )
 
     pipeline = build_pipeline(config, sidecar.registry, sidecar.telemetry.tracer)
-    endpoint = pipeline.receiver.endpoint
-    sidecar.routes.append(Route(path or "/", endpoint, methods=["POST"]))
-    sidecar.routes.append(Route(f"{path}/{{receiver}}", endpoint, methods=["POST"]))
+    # The router's entries answer other methods (405) and keep the paths known to other parts;
+    # POSTs reach the receiver through the direct route below, before the router.
+    receiver = pipeline.receiver
+    sidecar.routes.append(Route(path or "/", receiver, methods=["POST"]))
+    sidecar.routes.append(Route(f"{path}/{{receiver}}", receiver, methods=["POST"]))
     sidecar.links.append(Link(path or "/", "Alertmanager webhook receiver (POST)"))
     sidecar.direct_routes.append(pipeline.receiver.match)
     sidecar.components.append(pipeline.outbox)

@@ -14,8 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sidecar.alerts.auth import Authenticator
@@ -89,10 +88,11 @@ class Receiver:
         """The ASGI app of ``POST <path>`` and ``POST <path>/<receiver>``."""
         path: str = scope["path"]
         named = path[len(self._prefix) :] if path.startswith(self._prefix) else None
-        # Header names arrive lower-case from the server; values are latin-1 per HTTP.
-        headers = {
-            name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
-        }
+        # Header names arrive lower-case from the server; values are latin-1 per HTTP. A
+        # repeated header counts by its first value, as Starlette's mapping reads it.
+        headers: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
         status, body, extra = await self.handle(named or None, headers, receive)
         await send(
             {
@@ -106,18 +106,6 @@ class Receiver:
             }
         )
         await send({"type": "http.response.body", "body": body})
-
-    async def endpoint(self, request: Request) -> Response:
-        """The same handling for a Starlette route (the direct ASGI path is the usual one)."""
-        status, body, extra = await self.handle(
-            request.path_params.get("receiver"), request.headers, request.receive
-        )
-        return Response(
-            body,
-            status_code=status,
-            media_type="application/json",
-            headers={name.decode(): value.decode() for name, value in extra},
-        )
 
     async def handle(
         self, named: str | None, headers: Mapping[str, str], receive: Receive
