@@ -8,8 +8,11 @@ distinct group per request so that deduplication never short-cuts the write, aga
   redis     ``sidecar run`` with the Redis Streams outbox on a private redis-server
             (appendonly yes, appendfsync everysec).
 
-The sidecar also runs its dispatcher (log destination at log level warning) during the run, as
-in production. Prints accepted/s, p50/p99 latency and the ratio to the baseline.
+The sidecar also runs its dispatcher during the run, as in production, with the default ``log``
+destination (one INFO line per alert). It runs at ``log_level: warning`` (those lines are
+dropped before formatting) and once at ``info`` with standard error going to a file, to show
+what writing them costs. Prints accepted/s, p50/p99 latency, the ratio to the baseline, and
+how many deliveries the dispatcher completed per second meanwhile.
 
     /work/main/.venv/bin/python bench/alerts.py [--duration 10] [--connections 32]
 """
@@ -93,7 +96,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_wrk(url: str, script: Path, duration: int, connections: int, pid: int) -> dict[str, float]:
+def delivered(url: str) -> float:
+    """Successful deliveries so far, from the sidecar's own /metrics."""
+    text = httpx.get(url.rsplit("/", 1)[0] + "/metrics", timeout=10).text
+    match = re.search(r'sidecar_alerts_deliveries_total\{[^}]*result="success"[^}]*\} (\S+)', text)
+    return float(match.group(1)) if match else 0.0
+
+
+def run_wrk(
+    url: str, script: Path, duration: int, connections: int, pid: int, sidecar: bool = True
+) -> dict[str, float]:
+    delivered_before = delivered(url) if sidecar else 0.0
     before = cpu_seconds(pid)
     output = subprocess.run(
         [
@@ -111,6 +124,7 @@ def run_wrk(url: str, script: Path, duration: int, connections: int, pid: int) -
         check=True,
     ).stdout
     cpu = cpu_seconds(pid) - before
+    delivered_after = delivered(url) if sidecar else 0.0
     requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
     seconds = float(re.search(r"requests in ([\d.]+)s", output).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
@@ -122,6 +136,7 @@ def run_wrk(url: str, script: Path, duration: int, connections: int, pid: int) -
         "p99": _latency(output, "99%"),
         "cpu_us": cpu / max(1, requests - failed) * 1e6,
         "cpu_share": cpu / seconds,
+        "delivered": (delivered_after - delivered_before) / seconds,
     }
 
 
@@ -132,11 +147,15 @@ def _latency(output: str, quantile: str) -> float:
     return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def start_sidecar(workdir: Path, alerts: dict[str, Any]) -> tuple[subprocess.Popen[bytes], str]:
+def start_sidecar(
+    workdir: Path, alerts: dict[str, Any], log_level: str = "warning"
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     config = {
-        "server": {"listen": f"127.0.0.1:{port}", "log_level": "warning"},
+        "server": {"listen": f"127.0.0.1:{port}", "log_level": log_level},
         "metrics": {"host": {"enabled": False}},
+        # Only the webhook is measured; the ingest listeners would take fixed ports.
+        "ingest": {"statsd": {"enabled": False}, "otlp": {"enabled": False}},
         "alerts": {"outbox": {"max_depth": 10_000_000, **alerts}},
     }
     path = workdir / f"sidecar-{port}.yaml"
@@ -180,20 +199,23 @@ def main() -> None:
         try:
             wait_ready(url, baseline)
             results["baseline (no storage)"] = run_wrk(
-                url, script, args.duration, args.connections, baseline.pid
+                url, script, args.duration, args.connections, baseline.pid, sidecar=False
             )
         finally:
             stop(baseline)
 
-        sqlite_path = workdir / "outbox.sqlite3"
-        sidecar, url = start_sidecar(workdir, {"sqlite": {"path": str(sqlite_path)}})
-        try:
-            wait_ready(url, sidecar)
-            results["sidecar sqlite"] = run_wrk(
-                url, script, args.duration, args.connections, sidecar.pid
+        for level in ("warning", "info"):
+            sqlite_path = workdir / f"outbox-{level}.sqlite3"
+            sidecar, url = start_sidecar(
+                workdir, {"sqlite": {"path": str(sqlite_path)}}, log_level=level
             )
-        finally:
-            stop(sidecar)
+            try:
+                wait_ready(url, sidecar)
+                results[f"sidecar sqlite, log {level}"] = run_wrk(
+                    url, script, args.duration, args.connections, sidecar.pid
+                )
+            finally:
+                stop(sidecar)
 
         redis_port = free_port()
         redis = subprocess.Popen(
@@ -221,7 +243,7 @@ def main() -> None:
             )
             try:
                 wait_ready(url, sidecar)
-                results["sidecar redis"] = run_wrk(
+                results["sidecar redis, log warning"] = run_wrk(
                     url, script, args.duration, args.connections, sidecar.pid
                 )
             finally:
@@ -235,14 +257,15 @@ def main() -> None:
         " (10 alerts), distinct group per request\n"
     )
     print(
-        f"{'server':<24} {'accepted/s':>11} {'non-2xx':>8} {'p50 ms':>8} {'p99 ms':>8}"
-        f" {'ratio':>6} {'CPU us/req':>11} {'CPU share':>10}"
+        f"{'server':<28} {'accepted/s':>11} {'non-2xx':>8} {'p50 ms':>8} {'p99 ms':>8}"
+        f" {'ratio':>6} {'CPU us/req':>11} {'CPU share':>10} {'delivered/s':>12}"
     )
     for name, result in results.items():
         print(
-            f"{name:<24} {result['accepted']:>11.0f} {result['failed']:>8.0f}"
+            f"{name:<28} {result['accepted']:>11.0f} {result['failed']:>8.0f}"
             f" {result['p50']:>8.2f} {result['p99']:>8.2f} {result['accepted'] / base:>6.2f}"
             f" {result['cpu_us']:>11.0f} {result['cpu_share']:>10.2f}"
+            f" {'-' if name.startswith('baseline') else format(result['delivered'], '.0f'):>12}"
         )
     # CPU share is the server's CPU seconds per wall second: below 1.0 while wrk waits means
     # the machine's other processes, not the server, set the pace.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sidecar import __version__
 from sidecar.alerts.pipeline import build_alerts
@@ -61,7 +62,23 @@ class Listener:
 
     name: str
     address: str
-    app: Starlette
+    app: ASGIApp
+
+
+class _Direct:
+    """Hands a request to the first direct route that takes it, else to the router."""
+
+    def __init__(self, routes: list[Callable[[Scope], ASGIApp | None]], router: ASGIApp) -> None:
+        self._routes = routes
+        self._router = router
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        for route in self._routes:
+            app = route(scope)
+            if app is not None:
+                await app(scope, receive, send)
+                return
+        await self._router(scope, receive, send)
 
 
 class Lifecycle:
@@ -87,6 +104,9 @@ class Sidecar:
     routes: list[BaseRoute] = field(default_factory=list)
     components: list[Component] = field(default_factory=list)
     extra_listeners: list[Listener] = field(default_factory=list)
+    direct_routes: list[Callable[[Scope], ASGIApp | None]] = field(default_factory=list)
+    """Hot paths of the main listener: each returns the ASGI app that takes a request
+    directly, ahead of the router and its middleware, or None to let the router decide."""
 
     def __post_init__(self) -> None:
         self.exposition = Exposition(self.registry)
@@ -105,7 +125,7 @@ class Sidecar:
         # (the outbox check would otherwise fail until its next interval), and stops first.
         self.components.remove(self.health)
         self.components.append(self.health)
-        self._app: Starlette | None = None
+        self._app: ASGIApp | None = None
 
     def _add_outbox_check(self) -> None:
         """Readiness fails while the alert outbox cannot store (Alertmanager would get 503s)."""
@@ -139,11 +159,12 @@ class Sidecar:
         self.ingest = build_ingest(self)
 
     @property
-    def app(self) -> Starlette:
+    def app(self) -> ASGIApp:
         """The ASGI app of the main listener."""
         if self._app is None:
             routes = [Route("/", self._landing, methods=["GET"]), *self.routes]
-            self._app = Starlette(routes=routes)
+            router = Starlette(routes=routes)
+            self._app = _Direct(self.direct_routes, router) if self.direct_routes else router
         return self._app
 
     @property

@@ -161,7 +161,7 @@ def alerts_config(tmp_path: Path, **alerts: Any) -> dict[str, Any]:
             section[key] = value
     return {
         "metrics": {"host": {"enabled": False}},
-        # In-process sidecars must not take the machine's StatsD port.
+        # The default StatsD and OTLP ports are fixed; other tests on the machine bind them too.
         "ingest": {"statsd": {"enabled": False}, "otlp": {"enabled": False}},
         "alerts": section,
     }

@@ -24,11 +24,13 @@ from sidecar.alerts.metrics import AlertMetrics
 from sidecar.alerts.outbox.base import Claim, Outbox, OutboxUnavailable
 from sidecar.alerts.payload import Notification
 from sidecar.notify.base import Attempt, DeliveryError, Notifier
+from sidecar.telemetry.tracing import NOOP_TRACER, PipelineTracer
 
 logger = logging.getLogger(__name__)
 
 HOUSEKEEPING_INTERVAL = 5.0
 PARSED_CACHE_SIZE = 256
+PARSED_STALE_AFTER = 10.0
 PRUNE_INTERVAL = 60.0
 
 
@@ -36,6 +38,11 @@ def backoff(attempt: int, initial: float, maximum: float) -> float:
     """Full-jitter exponential backoff before attempt ``attempt + 1`` (``attempt`` >= 1)."""
     ceiling = min(maximum, initial * 2 ** min(attempt - 1, 30))
     return random.uniform(initial / 2, max(initial / 2, ceiling))  # noqa: S311 - not crypto
+
+
+def _codes(kind: str, status: int | None) -> dict[str, int | None]:
+    """The span attribute a notifier's status goes into: SMTP reply code or HTTP status."""
+    return {"smtp_code": status} if kind == "email" else {"status_code": status}
 
 
 class Dispatcher:
@@ -47,8 +54,10 @@ class Dispatcher:
         notifiers: dict[str, Notifier],
         config: DispatcherConfig,
         metrics: AlertMetrics,
+        tracer: PipelineTracer = NOOP_TRACER,
     ) -> None:
         self.outbox = outbox
+        self.tracer = tracer
         self.notifiers = notifiers
         self.config = config
         self.metrics = metrics
@@ -59,13 +68,21 @@ class Dispatcher:
         self._batch = max(1, config.concurrency // 2)
         # Notifications the receiver validated moments ago, by stored body: most deliveries
         # are claimed right after acceptance and need not be validated a second time.
-        self._parsed: OrderedDict[str, Notification] = OrderedDict()
+        self._parsed: OrderedDict[str, tuple[float, Notification]] = OrderedDict()
 
     def remember(self, body: str, notification: Notification) -> None:
         """Keep the validated form of a body just stored, for its first delivery."""
-        self._parsed[body] = notification
-        if len(self._parsed) > PARSED_CACHE_SIZE:
+        now = time.monotonic()
+        if len(self._parsed) >= PARSED_CACHE_SIZE:
+            oldest, _ = next(iter(self._parsed.values()))
+            if now - oldest < PARSED_STALE_AFTER:
+                # The dispatcher is that far behind (a burst): a body kept now would be evicted
+                # before its delivery is claimed, and keeping it costs the receiver more than
+                # validating it again later (a full cache of young objects for the collector).
+                return
+            # Entries this old belong to deliveries that failed or went elsewhere.
             self._parsed.popitem(last=False)
+        self._parsed[body] = (now, notification)
 
     def wake(self, destinations: list[str]) -> None:
         for name in destinations:
@@ -156,7 +173,8 @@ class Dispatcher:
                 claim, f"gave up after {claim.attempts} attempts and {age:.0f}s since acceptance"
             )
             return
-        notification = self._parsed.get(claim.body)
+        cached = self._parsed.get(claim.body)
+        notification = cached[1] if cached is not None else None
         if notification is None:
             try:
                 notification = Notification.model_validate_json(claim.body)
@@ -166,20 +184,42 @@ class Dispatcher:
 
         number = claim.attempts + 1
         self.metrics.attempts.labels(name).inc()
-        try:
-            await notifier.send(notification, Attempt(claim.delivery_id, name, number))
-        except DeliveryError as error:
-            if not error.retryable:
-                await self._bury(claim, f"permanent failure: {error.reason}")
+        kind = getattr(notifier, "kind", "")
+        last = number >= self.config.max_attempts
+        failure: DeliveryError | None = None
+        unexpected: Exception | None = None
+        # The trace continues from the context the receiver stored, in whichever replica.
+        trace = self.tracer.resume(claim.trace_context)
+        with trace.attempt(name, kind=kind, number=number) as span:
+            try:
+                delivered = await notifier.send(
+                    notification, Attempt(claim.delivery_id, name, number)
+                )
+            except DeliveryError as error:
+                failure = error
+                span.failed(
+                    retryable=error.retryable and not last,
+                    **_codes(kind, error.status),
+                    reason=type(error).__name__,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                unexpected = error
+                span.failed(retryable=not last, reason=type(error).__name__)
+            else:
+                span.succeeded(**_codes(kind, delivered.status))
+
+        if failure is not None:
+            if not failure.retryable:
+                await self._bury(claim, f"permanent failure: {failure.reason}")
                 return
-            await self._retry(claim, number, error.reason, error.retry_after)
+            await self._retry(claim, number, failure.reason, failure.retry_after)
             return
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
+        if unexpected is not None:
             # A notifier bug must not stop delivery to the others; retry it like a failure.
-            logger.exception("notifier %s raised unexpectedly", name)
-            await self._retry(claim, number, f"{type(error).__name__}: {error}", None)
+            logger.error("notifier %s raised unexpectedly", name, exc_info=unexpected)
+            await self._retry(claim, number, f"{type(unexpected).__name__}: {unexpected}", None)
             return
 
         await self.outbox.complete(claim.delivery_id)

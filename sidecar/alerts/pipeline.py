@@ -27,6 +27,7 @@ from sidecar.errors import ConfigError
 from sidecar.fields import is_loopback_host, split_host_port
 from sidecar.notify.base import Notifier
 from sidecar.notify.destinations import build_notifier
+from sidecar.telemetry.tracing import NOOP_TRACER, PipelineTracer
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -116,8 +117,10 @@ class AlertPipeline:
         await self.outbox.check_storage()
 
 
-def build_pipeline(config: AlertsConfig, registry: CollectorRegistry) -> AlertPipeline:
-    """Every part of the pipeline, not yet started."""
+def build_pipeline(
+    config: AlertsConfig, registry: CollectorRegistry, tracer: PipelineTracer = NOOP_TRACER
+) -> AlertPipeline:
+    """Every part of the pipeline, not yet started; ``tracer`` records its traces."""
     outbox, redis = build_outbox(config)
     notifiers = {
         destination.name: build_notifier(
@@ -130,7 +133,7 @@ def build_pipeline(config: AlertsConfig, registry: CollectorRegistry) -> AlertPi
         for destination in config.destinations
     }
     metrics = AlertMetrics(registry, config.outbox.max_depth)
-    dispatcher = Dispatcher(outbox, notifiers, config.dispatcher, metrics)
+    dispatcher = Dispatcher(outbox, notifiers, config.dispatcher, metrics, tracer)
     receiver = Receiver(
         config.receiver,
         authenticator=Authenticator(
@@ -141,6 +144,8 @@ def build_pipeline(config: AlertsConfig, registry: CollectorRegistry) -> AlertPi
         dispatcher=dispatcher,
         notifiers=notifiers,
         metrics=metrics,
+        tracer=tracer,
+        backend=config.outbox.backend,
     )
     return AlertPipeline(outbox, dispatcher, receiver, notifiers, metrics)
 
@@ -161,11 +166,14 @@ def build_alerts(sidecar: Sidecar) -> AlertPipeline | None:
             [Problem("alerts.receiver.path", f"{path or '/'} is already served by the sidecar")]
         )
 
-    pipeline = build_pipeline(config, sidecar.registry)
-    endpoint = pipeline.receiver.endpoint
-    sidecar.routes.append(Route(path or "/", endpoint, methods=["POST"]))
-    sidecar.routes.append(Route(f"{path}/{{receiver}}", endpoint, methods=["POST"]))
+    pipeline = build_pipeline(config, sidecar.registry, sidecar.telemetry.tracer)
+    # The router's entries answer other methods (405) and keep the paths known to other parts;
+    # POSTs reach the receiver through the direct route below, before the router.
+    receiver = pipeline.receiver
+    sidecar.routes.append(Route(path or "/", receiver, methods=["POST"]))
+    sidecar.routes.append(Route(f"{path}/{{receiver}}", receiver, methods=["POST"]))
     sidecar.links.append(Link(path or "/", "Alertmanager webhook receiver (POST)"))
+    sidecar.direct_routes.append(pipeline.receiver.match)
     sidecar.components.append(pipeline.outbox)
     sidecar.components.append(pipeline.dispatcher)
     return pipeline

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sidecar.alerts.auth import Authenticator
 from sidecar.alerts.config import ReceiverConfig
@@ -25,6 +26,7 @@ from sidecar.alerts.payload import Notification
 from sidecar.alerts.routing import Router
 from sidecar.config import format_location
 from sidecar.notify.base import Notifier
+from sidecar.telemetry.tracing import NOOP_TRACER, NotificationTrace, PipelineTracer
 
 logger = logging.getLogger(__name__)
 
@@ -49,100 +51,208 @@ class Receiver:
         dispatcher: Dispatcher,
         notifiers: dict[str, Notifier],
         metrics: AlertMetrics,
+        tracer: PipelineTracer = NOOP_TRACER,
+        backend: str = "sqlite",
     ) -> None:
         self.config = config
+        self.tracer = tracer
+        self.backend = backend
         self.authenticator = authenticator
         self.router = router
         self.outbox = outbox
         self.dispatcher = dispatcher
         self.notifiers = notifiers
         self.metrics = metrics
+        self._path = config.path.rstrip("/") or "/"
+        self._prefix = config.path.rstrip("/") + "/"
+        self._counters: dict[tuple[str, str], Any] = {}
 
-    async def endpoint(self, request: Request) -> Response:
-        named = request.path_params.get("receiver")
+    def match(self, scope: Scope) -> ASGIApp | None:
+        """This receiver for a POST to its path or ``<path>/<receiver>``, else None.
+
+        The composition root asks this before its router: the webhook is the hot path, and
+        the generic routing and middleware cost more per request than the receiver itself.
+        Other methods on these paths fall through to the router (405 from there)."""
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return None
+        path: str = scope["path"]
+        if path == self._path:
+            return self
+        if path.startswith(self._prefix):
+            name = path[len(self._prefix) :]
+            if name and "/" not in name:
+                return self
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI app of ``POST <path>`` and ``POST <path>/<receiver>``."""
+        path: str = scope["path"]
+        named = path[len(self._prefix) :] if path.startswith(self._prefix) else None
+        # Header names arrive lower-case from the server; values are latin-1 per HTTP. A
+        # repeated header counts by its first value, as Starlette's mapping reads it.
+        headers: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+        status, body, extra = await self.handle(named or None, headers, receive)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    *extra,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def handle(
+        self, named: str | None, headers: Mapping[str, str], receive: Receive
+    ) -> Answer:
+        """Answer one webhook request: status, JSON body and extra headers.
+
+        ``headers`` is looked up by lower-case name; ``receive`` is the request's ASGI receive
+        channel, whose body has not been read yet."""
         # Unknown names are not used as metric labels: callers choose them.
         label = named if named is not None and self.router.has_receiver(named) else _UNNAMED
+        with self.tracer.receive(label, headers) as trace:
+            return await self._handle(headers, receive, named, label, trace)
 
-        reason = self.authenticator.check(request.headers.get("authorization"))
+    async def _handle(
+        self,
+        headers: Mapping[str, str],
+        receive: Receive,
+        named: str | None,
+        label: str,
+        trace: NotificationTrace,
+    ) -> Answer:
+        reason = self.authenticator.check(headers.get("authorization"))
         if reason is not None:
-            self.metrics.received.labels(label, "rejected").inc()
-            return JSONResponse(
-                {"error": reason},
-                status_code=401,
-                headers={"WWW-Authenticate": self.authenticator.challenge},
-            )
+            self._count(label, "rejected")
+            trace.finish(outcome="rejected", status_code=401)
+            challenge = self.authenticator.challenge.encode("latin-1")
+            return 401, _json({"error": reason}), [(b"www-authenticate", challenge)]
         # After authentication, so that receiver names are not told to strangers.
         if named is not None and not self.router.has_receiver(named):
-            return self._reject(_UNNAMED, 404, f"no receiver named {named!r} is configured")
+            return self._reject(trace, _UNNAMED, 404, f"no receiver named {named!r} is configured")
 
-        content_type = request.headers.get("content-type", "")
+        content_type = headers.get("content-type", "")
         media_type = content_type.split(";", 1)[0].strip().lower()
         if media_type != "application/json":
             return self._reject(
+                trace,
                 label,
                 415,
                 f"content type must be application/json (got {content_type or 'none'!r})",
             )
 
         try:
-            body = await self._read_body(request)
+            body = await self._read_body(headers, receive)
         except BodyTooLarge:
             return self._reject(
-                label, 413, f"body larger than {int(self.config.max_body_size)} bytes"
+                trace, label, 413, f"body larger than {int(self.config.max_body_size)} bytes"
             )
         except ClientDisconnect:
-            return self._reject(label, 400, "the client disconnected before sending the body")
+            return self._reject(
+                trace, label, 400, "the client disconnected before sending the body"
+            )
 
         notification, problem = _parse(body)
         if notification is None:
-            return self._reject(label, 400, problem)
+            return self._reject(trace, label, 400, problem)
         text = body.decode("utf-8")  # valid: _parse checked it
 
         receiver = named or notification.receiver
         label = named or (receiver if self.router.has_receiver(receiver) else _UNNAMED)
-        destinations = [
-            name
-            for name in self.router.destinations_for(notification.common_labels, named)
-            if notification.status == "firing" or self.notifiers[name].send_resolved
-        ]
+        trace.annotate(
+            receiver=receiver,
+            group_key=notification.group_key,
+            alerts=len(notification.alerts),
+            status=notification.status,
+        )
+        with trace.route() as route:
+            destinations = [
+                name
+                for name in self.router.destinations_for(notification.common_labels, named)
+                if notification.status == "firing" or self.notifiers[name].send_resolved
+            ]
+            route.annotate(destinations=destinations)
         try:
-            stored = await self.outbox.enqueue(
-                notification, destinations, dedup_key(receiver, notification), text
-            )
+            with trace.store(backend=self.backend):
+                stored = await self.outbox.enqueue(
+                    notification,
+                    destinations,
+                    dedup_key(receiver, notification),
+                    text,
+                    trace_context=trace.carrier(),
+                )
         except (OutboxFull, OutboxUnavailable) as error:
-            self.metrics.received.labels(label, "unavailable").inc()
+            self._count(label, "unavailable")
+            trace.finish(outcome="unavailable", status_code=503)
             logger.warning("refused a notification for now: %s", error)
-            return JSONResponse(
-                {"error": f"the outbox cannot take the notification now: {error}"},
-                status_code=503,
-                headers={"Retry-After": str(max(1, round(self.config.retry_after)))},
+            retry_after = str(max(1, round(self.config.retry_after))).encode()
+            return (
+                503,
+                _json({"error": f"the outbox cannot take the notification now: {error}"}),
+                [(b"retry-after", retry_after)],
             )
 
         if not stored:
-            self.metrics.received.labels(label, "duplicate").inc()
+            self._count(label, "duplicate")
             self.metrics.deduplicated.labels(label).inc()
-            return JSONResponse({"status": "duplicate"})
-        self.metrics.received.labels(label, "accepted").inc()
+            trace.finish(outcome="duplicate", status_code=200)
+            return 200, b'{"status":"duplicate"}', []
+        self._count(label, "accepted")
+        trace.finish(outcome="accepted", status_code=200)
         if destinations:
             self.dispatcher.remember(text, notification)
             self.dispatcher.wake(destinations)
-        return JSONResponse({"status": "accepted", "destinations": destinations})
+        return 200, _json({"status": "accepted", "destinations": destinations}), []
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def _read_body(self, headers: Mapping[str, str], receive: Receive) -> bytes:
+        # Straight from the ASGI messages: an async generator here would cost more than the
+        # rest of the read (the event loop registers every one it sees).
         limit = int(self.config.max_body_size)
-        declared = request.headers.get("content-length", "")
+        declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise BodyTooLarge
-        chunks = bytearray()
-        async for chunk in request.stream():
-            chunks += chunk
-            if len(chunks) > limit:
+        parts: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect
+            chunk = message.get("body", b"")
+            parts.append(chunk)
+            size += len(chunk)
+            if size > limit:
                 raise BodyTooLarge
-        return bytes(chunks)
+            more = message.get("more_body", False)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _reject(self, label: str, status: int, message: str) -> Response:
-        self.metrics.received.labels(label, "rejected").inc()
-        return JSONResponse({"error": message}, status_code=status)
+    def _count(self, label: str, outcome: str) -> None:
+        # The labelled child is looked up once per pair: labels() costs more than inc().
+        counter = self._counters.get((label, outcome))
+        if counter is None:
+            counter = self._counters[(label, outcome)] = self.metrics.received.labels(
+                label, outcome
+            )
+        counter.inc()
+
+    def _reject(self, trace: NotificationTrace, label: str, status: int, message: str) -> Answer:
+        self._count(label, "rejected")
+        trace.finish(outcome="rejected", status_code=status)
+        return status, _json({"error": message}), []
+
+
+Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]
+"""HTTP status, JSON body and extra headers (lower-case names) of a webhook answer."""
+
+
+def _json(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def _parse(body: bytes) -> tuple[Notification | None, str]:

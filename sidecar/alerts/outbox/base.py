@@ -68,6 +68,8 @@ class Claim:
     body: str
     attempts: int
     accepted_at: float
+    trace_context: str = ""
+    """The trace carrier stored with the notification (``""`` when it was not traced)."""
 
 
 @dataclass(frozen=True)
@@ -114,11 +116,13 @@ class Outbox(Protocol):
         destinations: list[str],
         key: str,
         body: str | None = None,
+        trace_context: str = "",
     ) -> bool:
         """Store one delivery per destination durably; return False for a duplicate of ``key``
         seen within the dedup window (nothing stored). Raise OutboxFull or OutboxUnavailable.
         Returns only after the data is committed. ``body`` is the notification's JSON as
-        received (already validated), which saves serialising it again."""
+        received (already validated), which saves serialising it again. ``trace_context`` is
+        an opaque string (the pipeline tracer's carrier) handed back in every ``Claim``."""
         ...
 
     async def claim(self, destination: str, limit: int) -> list[Claim]:

@@ -56,7 +56,7 @@ for i = 1, n do
   local destination, id = ARGV[7 + 2 * (i - 1)], ARGV[8 + 2 * (i - 1)]
   redis.call('RPUSH', prefix .. ':order:' .. destination .. ':' .. ARGV[4], id)
   redis.call('XADD', prefix .. ':stream:' .. destination, '*', 'id', id, 'group', ARGV[4],
-    'attempts', '0', 'accepted_at', ARGV[5], 'body', ARGV[#ARGV])
+    'attempts', '0', 'accepted_at', ARGV[5], 'trace', ARGV[#ARGV - 1], 'body', ARGV[#ARGV])
 end
 redis.call('INCRBY', KEYS[2], n)
 return 1
@@ -84,7 +84,7 @@ for _, member in ipairs(due) do
   local fields = cjson.decode(member)
   redis.call('XADD', KEYS[2], '*', 'id', fields.id, 'group', fields.group,
     'attempts', tostring(fields.attempts), 'accepted_at', tostring(fields.accepted_at),
-    'body', fields.body)
+    'trace', fields.trace or '', 'body', fields.body)
   redis.call('ZREM', KEYS[1], member)
 end
 return #due
@@ -99,7 +99,7 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('RPUSH', KEYS[3], ARGV[1])
 -- A requeued letter starts again: attempts and the age limit count from now.
 redis.call('XADD', KEYS[2], '*', 'id', fields.id, 'group', fields.group, 'attempts', '0',
-  'accepted_at', ARGV[3], 'body', fields.body)
+  'accepted_at', ARGV[3], 'trace', fields.trace or '', 'body', fields.body)
 redis.call('INCR', KEYS[4])
 return 1
 """
@@ -189,6 +189,7 @@ class RedisOutbox:
         destinations: list[str],
         key: str,
         body: str | None = None,
+        trace_context: str = "",
     ) -> bool:
         arguments: list[Any] = [
             self.prefix,
@@ -200,6 +201,7 @@ class RedisOutbox:
         ]
         for destination in destinations:
             arguments += [destination, uuid.uuid4().hex]
+        arguments.append(trace_context)
         arguments.append(body if body is not None else notification.to_json())
         result = await self.call(
             self._enqueue(keys=[self.key("dedup", key), self.key("depth")], args=arguments)
@@ -240,6 +242,8 @@ class RedisOutbox:
                     fields["body"],
                     int(fields["attempts"]),
                     float(fields["accepted_at"]),
+                    # Entries written before traces were stored have no such field.
+                    fields.get("trace", ""),
                 )
             )
         return claims

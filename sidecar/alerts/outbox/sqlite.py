@@ -40,7 +40,8 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS notifications (
     id INTEGER PRIMARY KEY,
     body TEXT NOT NULL,
-    accepted_at REAL NOT NULL
+    accepted_at REAL NOT NULL,
+    trace_context TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS deliveries (
     id INTEGER PRIMARY KEY,
@@ -136,6 +137,7 @@ class _Writer(threading.Thread):
         connection.execute("PRAGMA synchronous=FULL")
         connection.execute("PRAGMA busy_timeout=5000")
         connection.executescript(_SCHEMA)
+        _add_missing_columns(connection)
         return connection
 
     def _run_batch(self, connection: sqlite3.Connection, batch: list[Any]) -> None:
@@ -217,6 +219,18 @@ class _Writer(threading.Thread):
         failure = OutboxUnavailable(f"SQLite outbox {self.path}: {error}")
         failure.__cause__ = error
         return [(False, failure)] * len(batch)
+
+
+def _add_missing_columns(connection: sqlite3.Connection) -> None:
+    """Bring a database written by an earlier version up to the current schema.
+
+    ``CREATE TABLE IF NOT EXISTS`` leaves an existing table as it was, so columns added since
+    are added here; their defaults give old rows the value they would have had."""
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(notifications)")}
+    if "trace_context" not in columns:
+        connection.execute(
+            "ALTER TABLE notifications ADD COLUMN trace_context TEXT NOT NULL DEFAULT ''"
+        )
 
 
 def _settle(settled: list[tuple[asyncio.Future[Any], tuple[bool, Any]]]) -> None:
@@ -346,6 +360,7 @@ class SqliteOutbox:
         destinations: list[str],
         key: str,
         body: str | None = None,
+        trace_context: str = "",
     ) -> bool:
         if body is None:
             body = notification.to_json()
@@ -368,7 +383,8 @@ class SqliteOutbox:
             if not count:
                 return True
             cursor = connection.execute(
-                "INSERT INTO notifications (body, accepted_at) VALUES (?, ?)", (body, now)
+                "INSERT INTO notifications (body, accepted_at, trace_context) VALUES (?, ?, ?)",
+                (body, now, trace_context),
             )
             connection.executemany(
                 "INSERT INTO deliveries (notification_id, destination, group_id, group_key,"
@@ -401,12 +417,12 @@ class SqliteOutbox:
                 [(now + self.lease, delivery_id) for delivery_id in ids],
             )
             rows = connection.execute(
-                "SELECT d.id, n.body, d.attempts, d.accepted_at FROM deliveries d"
+                "SELECT d.id, n.body, d.attempts, d.accepted_at, n.trace_context FROM deliveries d"
                 " JOIN notifications n ON n.id = d.notification_id"
                 " WHERE d.id IN (SELECT value FROM json_each(?)) ORDER BY d.id",
                 (json.dumps(ids),),
             ).fetchall()
-            return [Claim(str(row[0]), destination, row[1], row[2], row[3]) for row in rows]
+            return [Claim(str(row[0]), destination, row[1], row[2], row[3], row[4]) for row in rows]
 
         return await self.run(take, durable=False)
 
