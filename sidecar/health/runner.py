@@ -272,7 +272,13 @@ class HealthRunner:
         self._tasks.clear()
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # A probe's library may swallow a cancellation (Python 3.11's wait_for can when the
+        # awaited call completes at the same moment): cancel again until every task is done.
+        pending = set(tasks)
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=1.0)
+            for task in pending:
+                task.cancel()
         await self.monitor.stop()
         await self.close()
 
@@ -288,7 +294,7 @@ class HealthRunner:
         spec = state.spec
         if spec.initial_delay:
             await asyncio.sleep(spec.initial_delay)
-        while True:
+        while self._running:
             started = time.monotonic()
             try:
                 result = await self.run_check(state)

@@ -546,8 +546,11 @@ class SqliteOutbox:
         def probe(connection: sqlite3.Connection) -> None:
             connection.execute("SELECT COUNT(*) FROM dedup").fetchone()
 
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+        # that arrives as the probe completes, and the health runner could then not stop.
         try:
-            await asyncio.wait_for(self.run(probe), timeout=5)
+            async with asyncio.timeout(5):
+                await self.run(probe)
         except TimeoutError as error:
             raise OutboxUnavailable(
                 f"the SQLite outbox {self.path} did not answer in 5s"
