@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import email
 import email.policy
+import gc
 import logging
+import warnings
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -51,6 +53,21 @@ def plain_server() -> Iterator[SmtpServer]:
     server = start_server("plain")
     yield server
     server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _collect_abandoned_transports() -> Iterator[None]:
+    """Collect, at the end of each test, transports asyncio abandoned during a TLS failure.
+
+    When a TLS handshake fails, asyncio's ``start_tls`` drops the plain transport beneath it
+    without closing it; the garbage collector closes the socket later, with a
+    ResourceWarning that pytest (warnings as errors) would pin on whichever test happens to
+    run at that moment. Collecting here keeps each test's outcome its own.
+    """
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 @pytest.fixture(autouse=True)

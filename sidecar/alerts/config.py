@@ -192,6 +192,10 @@ class AlertReceiverConfig(Section):
     """Names of the destinations that get this receiver's notifications."""
 
 
+def _log_only() -> list[Destination]:
+    return [LogDestination(name="log")]
+
+
 class AlertsConfig(Section):
     """Alertmanager webhook receiver, durable outbox, routing and delivery."""
 
@@ -204,7 +208,7 @@ class AlertsConfig(Section):
     dispatcher: DispatcherConfig = DispatcherConfig()
     """Delivery workers, retries and dead letters."""
 
-    destinations: list[Destination] = Field(default_factory=lambda: [LogDestination(name="log")])
+    destinations: list[Destination] = Field(default_factory=_log_only)
     """Where notifications can be delivered, each with a unique `name` and a `kind`."""
 
     receivers: list[AlertReceiverConfig] = Field(

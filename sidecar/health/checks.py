@@ -18,9 +18,8 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import httpx
 import psutil
 
 from sidecar.fields import split_host_port
@@ -36,6 +35,9 @@ from sidecar.health.config import (
 )
 from sidecar.metrics.config import ProcessMetricsConfig, ProcessTarget
 from sidecar.metrics.process import ProcessSource
+
+if TYPE_CHECKING:
+    import httpx
 
 _T = TypeVar("_T")
 
@@ -101,6 +103,10 @@ class HttpProbe(Check):
             verify_context: bool | ssl.SSLContext = ssl.create_default_context(cafile=verify)
         else:
             verify_context = verify
+        # httpx is imported only when an HTTP check exists (it costs about 3 MB resident).
+        import httpx
+
+        self._httpx = httpx
         # One client per check, reused for every run: connections stay pooled between runs.
         self.client = httpx.AsyncClient(
             verify=verify_context,
@@ -116,9 +122,9 @@ class HttpProbe(Check):
         try:
             async with self.client.stream(config.method, config.url) as response:
                 body = await _read_limited(response)
-        except httpx.TimeoutException as error:
+        except self._httpx.TimeoutException as error:
             raise CheckFailed("request timed out", "timeout") from error
-        except httpx.HTTPError as error:
+        except self._httpx.HTTPError as error:
             raise CheckFailed(_describe_http_error(error)) from error
 
         expected = config.expected_status

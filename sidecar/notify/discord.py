@@ -22,7 +22,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-import httpx
 from prometheus_client import CollectorRegistry
 from pydantic import Field, field_validator
 
@@ -44,6 +43,7 @@ from sidecar.notify.render import (
 from sidecar.notify.templates import Flavour, TemplateSection, TemplateText
 
 if TYPE_CHECKING:
+    import httpx
     from redis.asyncio import Redis
 
 logger = logging.getLogger(__name__)
@@ -198,6 +198,10 @@ class DiscordNotifier:
         self.send_resolved = config.send_resolved
         self._state = state
         self._url = config.webhook_url.reveal()
+        # httpx is imported only when a Discord destination exists (about 3 MB resident).
+        import httpx
+
+        self._http_errors = httpx.HTTPError
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(config.timeout),
             headers={"User-Agent": f"sidecar/{__version__}"},
@@ -363,7 +367,7 @@ class DiscordNotifier:
     async def _exchange(self, method: str, url: str, body: dict[str, Any]) -> httpx.Response:
         try:
             response = await self._client.request(method, url, json=body)
-        except httpx.HTTPError as error:
+        except self._http_errors as error:
             self._requests.labels(self.name, self.kind, "error").inc()
             reason = redact(str(error) or type(error).__name__, [self._url])
             raise DeliveryError(

@@ -15,6 +15,8 @@ problems are retryable, 5xx replies (including a rejected login) permanent.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import ssl
@@ -27,7 +29,6 @@ from email.utils import format_datetime, getaddresses, parseaddr
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-import aiosmtplib
 from prometheus_client import CollectorRegistry
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
@@ -302,11 +303,13 @@ class EmailNotifier:
         """Nothing to release: every delivery opens and closes its own connection."""
 
     async def _deliver(self, message: EmailMessage) -> int:
+        # aiosmtplib is imported with the first email, not by every sidecar that starts.
+        import aiosmtplib
+
         config = self.config
         password = config.password.reveal() if config.password else None
         try:
-            refused, _reply = await aiosmtplib.send(
-                message,
+            client = aiosmtplib.SMTP(
                 hostname=config.smarthost,
                 port=config.effective_port,
                 username=config.username,
@@ -317,6 +320,13 @@ class EmailNotifier:
                 start_tls=config.tls == "starttls",
                 tls_context=self._tls_context if config.tls != "none" else None,
             )
+            try:
+                await client.connect()
+                refused, _reply = await client.send_message(message)
+                with contextlib.suppress(aiosmtplib.SMTPException):
+                    await client.quit()
+            finally:
+                await _release(client)
         except aiosmtplib.SMTPRecipientsRefused as error:
             codes = [refusal.code for refusal in error.recipients]
             self._count(str(max(codes, default=0)) if codes else "error")
@@ -390,3 +400,18 @@ class EmailNotifier:
 
     def _count(self, code: str) -> None:
         self._requests.labels(self.name, self.kind, code).inc()
+
+
+async def _release(client: Any) -> None:
+    """Close an SMTP connection now, whatever state an error left it in.
+
+    ``close()`` on a TLS transport starts a shutdown that finishes on later loop iterations,
+    and a connection abandoned after a refused command would otherwise wait for the garbage
+    collector. Aborting drops it at once; one pass of the loop runs the callback that closes
+    the socket.
+    """
+    transport = client.transport
+    if transport is not None:
+        transport.abort()
+    client.close()
+    await asyncio.sleep(0)

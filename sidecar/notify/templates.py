@@ -26,11 +26,9 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-from jinja2 import TemplateError, select_autoescape
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import GetCoreSchemaHandler, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError, core_schema
 
@@ -40,6 +38,9 @@ from sidecar.notify.sample import sample_notification
 from sidecar.notify.text import clip, escape_markdown
 
 Flavour = Literal["markdown", "html", "text"]
+if TYPE_CHECKING:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 MAX_TEMPLATE_SIZE = 256 * 1024
 
 
@@ -111,6 +112,11 @@ def _finalize_markdown(value: Any) -> Any:
 
 
 def _environment(flavour: Flavour) -> ImmutableSandboxedEnvironment:
+    # Jinja2 is imported when the first template compiles: a sidecar without Discord or email
+    # destinations never pays its memory.
+    from jinja2 import select_autoescape
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     if flavour == "markdown":
         environment = ImmutableSandboxedEnvironment(
             autoescape=False, finalize=_finalize_markdown, keep_trailing_newline=False
@@ -214,6 +220,8 @@ def default_template(name: str) -> TemplateText:
 
 def check_template(template: TemplateText, flavour: Flavour, context: Mapping[str, Any]) -> None:
     """Compile and render once; raise a configuration error naming the template's problem."""
+    from jinja2 import TemplateError
+
     try:
         template.render(flavour, **context)
     except TemplateError as error:
