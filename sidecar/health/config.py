@@ -26,6 +26,7 @@ from pydantic import (
 from typing_extensions import TypedDict
 
 from sidecar.fields import Duration, Secret, Section, Size, split_host_port
+from sidecar.metrics.config import ProcessSelector
 
 CHECK_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
 OUTBOX_CHECK = "outbox"
@@ -253,32 +254,14 @@ class MemoryCheck(CheckConfig):
         return self
 
 
-class ProcessCheck(CheckConfig):
+class ProcessCheck(CheckConfig, ProcessSelector):
     """Processes chosen like the process metrics' targets; passes when enough are running."""
 
     kind: Literal["process"]
     """Selects this kind of check."""
 
-    pid_file: Path | None = None
-    """Select the process whose id this file holds."""
-
-    process_name: str | None = None
-    """Select processes whose name (as `ps -o comm` shows it) equals this."""
-
-    cmdline: re.Pattern[str] | None = None
-    """Select processes whose command line this regular expression matches anywhere."""
-
     min_instances: Annotated[int, Field(ge=1)] = 1
     """Fewest matching processes that pass."""
-
-    @model_validator(mode="after")
-    def _one_selector(self) -> Self:
-        chosen = [
-            key for key in ("pid_file", "process_name", "cmdline") if getattr(self, key) is not None
-        ]
-        if len(chosen) != 1:
-            raise ValueError("set exactly one of pid_file, process_name and cmdline")
-        return self
 
 
 class CommandCheck(CheckConfig):

@@ -62,9 +62,8 @@ class HostMetricsConfig(Section):
     """Which interfaces the network metrics cover."""
 
 
-class ProcessTarget(Section):
-    name: Annotated[str, Field(pattern=TARGET_NAME)]
-    """Value of the `target` label; unique, and not `self` (the sidecar's own)."""
+class ProcessSelector(Section):
+    """How processes are chosen, by exactly one of three ways; shared with the process check."""
 
     pid_file: Path | None = None
     """Select the process whose id this file holds."""
@@ -83,6 +82,15 @@ class ProcessTarget(Section):
         ]
         if len(chosen) != 1:
             raise ValueError("set exactly one of pid_file, process_name and cmdline")
+        return self
+
+
+class ProcessTarget(ProcessSelector):
+    name: Annotated[str, Field(pattern=TARGET_NAME)]
+    """Value of the `target` label; unique, and not `self` (the sidecar's own)."""
+
+    @model_validator(mode="after")
+    def _not_self(self) -> Self:
         if self.name == SELF_TARGET:
             raise ValueError("the target name 'self' is reserved for the sidecar's own process")
         return self
