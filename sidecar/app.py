@@ -98,7 +98,7 @@ class Sidecar:
     """Every part of a running sidecar, built from one configuration."""
 
     config: Config
-    registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry())
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     links: list[Link] = field(default_factory=list)
     routes: list[BaseRoute] = field(default_factory=list)
@@ -118,7 +118,7 @@ class Sidecar:
         self.components.extend(self.telemetry.components)
         self._build_metrics()
         self.health = install_health(self)
-        self._build_ingest()
+        self.ingest = build_ingest(self)
         self.alerts = build_alerts(self)
         self._add_outbox_check()
         # The health runner starts last, so that its first results see every part running
@@ -154,9 +154,6 @@ class Sidecar:
         self.registry.register(SourceCollector(sources))
         self.links.append(Link("/metrics", "Metrics for Prometheus"))
         self.routes.append(Route("/metrics", self.exposition.endpoint, methods=["GET"]))
-
-    def _build_ingest(self) -> None:
-        self.ingest = build_ingest(self)
 
     @property
     def app(self) -> ASGIApp:
