@@ -196,3 +196,75 @@ async def poll(condition: Any, within: float = 10.0, what: str = "") -> Any:
             return result
         await asyncio.sleep(0.02)
     raise AssertionError(f"timed out after {within}s waiting for {what or condition}")
+
+
+SHARED_REDIS = "redis://127.0.0.1:6379/0"
+"""The machine's Redis; tests sharing it use a unique prefix and delete their keys by SCAN."""
+
+
+@asynccontextmanager
+async def open_outbox(
+    backend: str, tmp_path: Path, destinations: list[str], purpose: str
+) -> AsyncIterator[Any]:
+    """A started outbox of either backend with small bounds, removed again afterwards."""
+    from redis.asyncio import Redis
+
+    from sidecar.alerts.outbox.redis import RedisOutbox
+    from sidecar.alerts.outbox.sqlite import SqliteOutbox
+
+    outbox: SqliteOutbox | RedisOutbox
+    if backend == "sqlite":
+        outbox = SqliteOutbox(
+            tmp_path / "outbox.sqlite3", max_depth=5, dedup_window=60, lease=0.5, retention=0
+        )
+    else:
+        outbox = RedisOutbox(
+            Redis.from_url(SHARED_REDIS, decode_responses=True),
+            prefix=f"test-{purpose}-{os.urandom(4).hex()}",
+            destinations=destinations,
+            max_depth=5,
+            dedup_window=60,
+            lease=0.5,
+            park_delay=0.05,
+        )
+    await outbox.start()
+    try:
+        yield outbox
+    finally:
+        if isinstance(outbox, RedisOutbox):
+            cleaner = Redis.from_url(SHARED_REDIS, decode_responses=True)
+            async for key in cleaner.scan_iter(match=f"{outbox.prefix}:*", count=500):
+                await cleaner.delete(key)
+            await cleaner.aclose()
+        await outbox.stop()
+
+
+@asynccontextmanager
+async def serve_on_loopback(
+    tmp_path: Path, token: str
+) -> AsyncIterator[tuple[Sidecar, RecordingNotifier, str]]:
+    """A sidecar serving on a real loopback port and requiring ``token``; yields its base URL."""
+    from sidecar.server import serve
+    from tests.harness import free_port
+
+    port = free_port()
+    document = alerts_config(tmp_path, receiver={"auth": {"bearer_tokens": [token]}})
+    document["server"] = {"listen": f"127.0.0.1:{port}"}
+    notifier = RecordingNotifier()
+    sidecar = build_sidecar(document, {"test": notifier})
+    task = asyncio.create_task(serve(sidecar))
+    base = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient() as client:
+
+        async def answers() -> bool:
+            try:
+                return (await client.get(base + "/metrics")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await poll(answers, what="sidecar listening")
+    try:
+        yield sidecar, notifier, base
+    finally:
+        sidecar.lifecycle.stopping.set()
+        await asyncio.wait_for(task, timeout=20)

@@ -5,7 +5,6 @@ POSTs to the receiver's paths skip the router; everything else must still reach 
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,34 +13,15 @@ import httpx
 import pytest
 
 from sidecar.app import Sidecar
-from sidecar.server import serve
-from tests.alerts_support import RecordingNotifier, alerts_config, build_sidecar, payload, poll
-from tests.harness import free_port
+from tests.alerts_support import RecordingNotifier, payload, poll, serve_on_loopback
 
 TOKEN = "direct-path-token-0123456789"
 
 
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[tuple[Sidecar, RecordingNotifier, str]]:
-    port = free_port()
-    document = alerts_config(tmp_path, receiver={"auth": {"bearer_tokens": [TOKEN]}})
-    document["server"] = {"listen": f"127.0.0.1:{port}"}
-    notifier = RecordingNotifier()
-    sidecar = build_sidecar(document, {"test": notifier})
-    task = asyncio.create_task(serve(sidecar))
-    base = f"http://127.0.0.1:{port}"
-    async with httpx.AsyncClient() as client:
-
-        async def answers() -> bool:
-            try:
-                return (await client.get(base + "/metrics")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await poll(answers, what="sidecar listening")
-    yield sidecar, notifier, base
-    sidecar.lifecycle.stopping.set()
-    await asyncio.wait_for(task, timeout=20)
+    async with serve_on_loopback(tmp_path, TOKEN) as running:
+        yield running
 
 
 def _auth() -> dict[str, str]:

@@ -17,8 +17,11 @@ import pytest
 import yaml
 
 from sidecar.app import Sidecar
-from sidecar.server import serve
-from tests.alerts_support import RecordingNotifier, alerts_config, build_sidecar, poll
+from tests.alerts_support import (
+    RecordingNotifier,
+    poll,
+    serve_on_loopback,
+)
 from tests.harness import PrometheusServer, free_port, require_tool, stop_process, wait_until
 
 TOKEN = "e2e-bearer-token-0123456789"
@@ -106,25 +109,8 @@ class AlertmanagerServer:
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[tuple[Sidecar, RecordingNotifier, str]]:
     """A sidecar serving on a real loopback port, requiring the bearer token."""
-    port = free_port()
-    document = alerts_config(tmp_path, receiver={"auth": {"bearer_tokens": [TOKEN]}})
-    document["server"] = {"listen": f"127.0.0.1:{port}"}
-    notifier = RecordingNotifier()
-    sidecar = build_sidecar(document, {"test": notifier})
-    task = asyncio.create_task(serve(sidecar))
-    url = f"http://127.0.0.1:{port}"
-    async with httpx.AsyncClient() as client:
-
-        async def answers() -> bool:
-            try:
-                return (await client.get(url + "/metrics")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await poll(answers, what="sidecar listening")
-    yield sidecar, notifier, url + "/alerts"
-    sidecar.lifecycle.stopping.set()
-    await asyncio.wait_for(task, timeout=20)
+    async with serve_on_loopback(tmp_path, TOKEN) as (sidecar, notifier, base):
+        yield sidecar, notifier, base + "/alerts"
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -26,12 +25,11 @@ from tests.alerts_support import (
     RecordingNotifier,
     alerts_config,
     build_sidecar,
+    open_outbox,
     payload,
     poll,
     running_client,
 )
-
-SHARED_REDIS = "redis://127.0.0.1:6379/0"
 
 
 def _notification(group: str, status: str = "firing") -> Notification:
@@ -40,31 +38,8 @@ def _notification(group: str, status: str = "firing") -> Notification:
 
 @pytest.fixture(params=["sqlite", "redis"])
 async def outbox(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Outbox]:
-    backend: Outbox
-    if request.param == "sqlite":
-        backend = SqliteOutbox(
-            tmp_path / "outbox.sqlite3", max_depth=5, dedup_window=60, lease=0.5, retention=0
-        )
-    else:
-        prefix = f"test-outbox-{uuid.uuid4().hex[:8]}"
-        client = Redis.from_url(SHARED_REDIS, decode_responses=True)
-        backend = RedisOutbox(
-            client,
-            prefix=prefix,
-            destinations=["a", "b"],
-            max_depth=5,
-            dedup_window=60,
-            lease=0.5,
-            park_delay=0.05,
-        )
-    await backend.start()
-    yield backend
-    if isinstance(backend, RedisOutbox):
-        cleaner = Redis.from_url(SHARED_REDIS, decode_responses=True)
-        async for key in cleaner.scan_iter(match=f"{backend.prefix}:*", count=500):
-            await cleaner.delete(key)
-        await cleaner.aclose()
-    await backend.stop()
+    async with open_outbox(request.param, tmp_path, ["a", "b"], "outbox") as backend:
+        yield backend
 
 
 async def test_enqueue_claim_complete(outbox: Outbox) -> None:

@@ -9,28 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from redis.asyncio import Redis
 
 from sidecar.alerts.outbox.base import Outbox, dedup_key
-from sidecar.alerts.outbox.redis import RedisOutbox
 from sidecar.alerts.outbox.sqlite import SqliteOutbox
 from sidecar.alerts.payload import Notification
 from sidecar.app import Sidecar
 from sidecar.notify.base import DeliveryError
 from sidecar.server import serve
 from sidecar.telemetry.tracing import NOOP_TRACER
-from tests.alerts_support import RecordingNotifier, alerts_config, build_sidecar, payload, poll
+from tests.alerts_support import (
+    RecordingNotifier,
+    alerts_config,
+    build_sidecar,
+    open_outbox,
+    payload,
+    poll,
+)
 from tests.harness import free_port
 from tests.otel_receiver import OtlpReceiver, attributes
 
-SHARED_REDIS = "redis://127.0.0.1:6379/0"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
 CARRIER = f"00-{TRACE_ID}-{PARENT_ID}-01\nvendor=opaque"
@@ -204,30 +207,8 @@ def test_without_an_endpoint_the_pipeline_gets_the_noop_tracer(tmp_path: Path) -
 
 @pytest.fixture(params=["sqlite", "redis"])
 async def outbox(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Outbox]:
-    backend: Outbox
-    if request.param == "sqlite":
-        backend = SqliteOutbox(
-            tmp_path / "outbox.sqlite3", max_depth=5, dedup_window=60, lease=0.5, retention=0
-        )
-    else:
-        client = Redis.from_url(SHARED_REDIS, decode_responses=True)
-        backend = RedisOutbox(
-            client,
-            prefix=f"test-tracing-{uuid.uuid4().hex[:8]}",
-            destinations=["a"],
-            max_depth=5,
-            dedup_window=60,
-            lease=0.5,
-            park_delay=0.05,
-        )
-    await backend.start()
-    yield backend
-    if isinstance(backend, RedisOutbox):
-        cleaner = Redis.from_url(SHARED_REDIS, decode_responses=True)
-        async for key in cleaner.scan_iter(match=f"{backend.prefix}:*", count=500):
-            await cleaner.delete(key)
-        await cleaner.aclose()
-    await backend.stop()
+    async with open_outbox(request.param, tmp_path, ["a"], "tracing") as backend:
+        yield backend
 
 
 async def _claim_one(outbox: Outbox) -> Any:
