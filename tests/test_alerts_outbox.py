@@ -311,3 +311,39 @@ async def test_too_many_attempts_make_a_dead_letter(tmp_path: Path) -> None:
 
     assert len(notifier.attempts) == 3
     assert dead[0].last_error.startswith("3 attempts failed; last: test destination failed")
+
+
+async def test_concurrent_enqueues_each_get_their_own_answer(outbox: Outbox) -> None:
+    notifications = [_notification(f"together{i}") for i in range(6)]
+
+    results = await asyncio.gather(
+        *(outbox.enqueue(n, ["a"], dedup_key("r", n)) for n in notifications),
+        outbox.enqueue(notifications[0], ["a"], dedup_key("r", notifications[0])),
+        return_exceptions=True,
+    )
+
+    # Sent together, answered one by one: five fit (max_depth 5), the sixth does not, and the
+    # repeat of the first is a duplicate.
+    assert results[:5] == [True] * 5
+    assert isinstance(results[5], OutboxFull)
+    assert results[6] is False
+    assert (await outbox.stats()).depth == 5
+
+
+async def test_redis_outbox_loads_its_scripts_again_after_redis_forgets_them(
+    tmp_path: Path,
+) -> None:
+    async with open_outbox("redis", tmp_path, ["a"], "flush") as outbox:
+        await outbox.enqueue(_notification("one"), ["a"], "flush-1")
+        await outbox.redis.script_flush()
+
+        stored = await outbox.enqueue(_notification("two"), ["a"], "flush-2")
+        claims = await outbox.claim("a", 10)
+        for claim in claims:
+            await outbox.redis.script_flush()
+            await outbox.complete(claim.delivery_id)
+        stats = await outbox.stats()
+
+    assert stored is True
+    assert len(claims) == 2
+    assert stats.depth == 0

@@ -18,6 +18,7 @@ replica takes them with XAUTOCLAIM. Durability is Redis's: use ``appendonly yes`
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -28,7 +29,8 @@ from collections.abc import Awaitable
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from sidecar.alerts.outbox.base import (
     Claim,
@@ -149,6 +151,8 @@ class RedisOutbox:
         self._claimed: dict[str, tuple[str, str, dict[str, Any]]] = {}
         self._enqueue = redis.register_script(_ENQUEUE)
         self._finish_script = redis.register_script(_FINISH)
+        self._unsent: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
         self._promote = redis.register_script(_PROMOTE)
         self._requeue = redis.register_script(_REQUEUE)
 
@@ -181,6 +185,10 @@ class RedisOutbox:
                 logger.warning("cannot prepare the Redis outbox yet: %s", error)
 
     async def stop(self) -> None:
+        if self._unsent:
+            self._send_scripts()
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
         await self.redis.aclose()
 
     async def enqueue(
@@ -203,8 +211,8 @@ class RedisOutbox:
             arguments += [destination, uuid.uuid4().hex]
         arguments.append(trace_context)
         arguments.append(body if body is not None else notification.to_json())
-        result = await self.call(
-            self._enqueue(keys=[self.key("dedup", key), self.key("depth")], args=arguments)
+        result = await self._run_script(
+            self._enqueue, [self.key("dedup", key), self.key("depth")], arguments
         )
         if result == -1:
             raise OutboxFull(f"the Redis outbox holds {self.max_depth} deliveries (max_depth)")
@@ -271,18 +279,77 @@ class RedisOutbox:
             return
         destination, entry_id, _ = claimed
         member = json.dumps({**fields, "reason": reason, "destination": destination})
-        await self.call(
-            self._finish_script(
-                keys=[
-                    self.key("stream", destination),
-                    self.key("order", destination, fields["group"]),
-                    self.key("depth"),
-                    self.key("delayed", destination),
-                    self.key("dead"),
-                ],
-                args=[entry_id, delivery_id, action, score, member],
-            )
+        await self._run_script(
+            self._finish_script,
+            [
+                self.key("stream", destination),
+                self.key("order", destination, fields["group"]),
+                self.key("depth"),
+                self.key("delayed", destination),
+                self.key("dead"),
+            ],
+            [entry_id, delivery_id, action, score, member],
         )
+
+    def _run_script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """Run a script with the others called during this turn of the event loop.
+
+        Concurrent webhooks and deliveries thus share one pipeline, one round trip and one
+        connection instead of taking one each; every script still applies atomically on its
+        own, and each caller gets its own result once Redis has applied it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._unsent:
+            loop.call_soon(self._send_scripts)
+        self._unsent.append((script, keys, args, future))
+        return future
+
+    def _send_scripts(self) -> None:
+        calls, self._unsent = self._unsent, []
+        task = asyncio.create_task(self._pipeline(calls))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _pipeline(
+        self, calls: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]]
+    ) -> None:
+        try:
+            results = await self._evaluate(calls)
+        except (RedisError, OSError) as error:
+            results = [error] * len(calls)
+        for (_, _, _, future), result in zip(calls, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, (RedisError, OSError)):
+                failure = OutboxUnavailable(f"Redis outbox: {type(result).__name__}: {result}")
+                failure.__cause__ = result
+                future.set_exception(failure)
+            else:
+                future.set_result(result)
+
+    async def _evaluate(
+        self, calls: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]]
+    ) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for script, keys, args, _ in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        missing = {id(calls[i][0]) for i, r in enumerate(results) if isinstance(r, NoScriptError)}
+        if not missing:
+            return results
+        # Redis lost its script cache (a restart): load the scripts and run again only the
+        # calls that failed for it, which therefore did nothing.
+        for script in {id(call[0]): call[0] for call in calls}.values():
+            if id(script) in missing:
+                await self.redis.script_load(script.script)
+        again = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        pipe = self.redis.pipeline(transaction=False)
+        for i in again:
+            script, keys, args, _ = calls[i]
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        for i, result in zip(again, await pipe.execute(raise_on_error=False), strict=True):
+            results[i] = result
+        return results
 
     def _fields(self, delivery_id: str) -> dict[str, Any]:
         claimed = self._claimed.get(delivery_id)

@@ -157,7 +157,9 @@ class SqliteOutbox:
 
         ``durable`` operations are committed with fsync before this returns; the others may be
         lost on power failure (never on a process crash)."""
-        writer = await self._current()
+        writer = self._writer
+        if writer is None or not writer.alive:
+            writer = await self._current()
         return await writer.request(operation, arguments, durable)
 
     async def enqueue(
