@@ -66,6 +66,8 @@ class Receiver:
         self._path = config.path.rstrip("/") or "/"
         self._prefix = config.path.rstrip("/") + "/"
         self._counters: dict[tuple[str, str], Any] = {}
+        # Destination names come from the configuration, so there are few distinct answers.
+        self._accepted: dict[tuple[str, ...], bytes] = {}
 
     def match(self, scope: Scope) -> ASGIApp | None:
         """This receiver for a POST to its path or ``<path>/<receiver>``, else None.
@@ -208,7 +210,7 @@ class Receiver:
         if destinations:
             self.dispatcher.remember(text, notification)
             self.dispatcher.wake(destinations)
-        return 200, _json({"status": "accepted", "destinations": destinations}), []
+        return 200, self._accepted_answer(destinations), []
 
     async def _read_body(self, headers: Mapping[str, str], receive: Receive) -> bytes:
         # Straight from the ASGI messages: an async generator here would cost more than the
@@ -231,6 +233,15 @@ class Receiver:
                 raise BodyTooLarge
             more = message.get("more_body", False)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _accepted_answer(self, destinations: list[str]) -> bytes:
+        key = tuple(destinations)
+        answer = self._accepted.get(key)
+        if answer is None:
+            answer = self._accepted[key] = _json(
+                {"status": "accepted", "destinations": destinations}
+            )
+        return answer
 
     def _count(self, label: str, outcome: str) -> None:
         # The labelled child is looked up once per pair: labels() costs more than inc().
