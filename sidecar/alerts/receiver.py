@@ -32,6 +32,11 @@ logger = logging.getLogger(__name__)
 
 MAX_REPORTED_ERRORS = 5
 _UNNAMED = "-"
+# Authentication, the body checks and the trace context (W3C) are all that the handling reads.
+_READ_HEADERS = {
+    name.encode("latin-1"): name
+    for name in ("authorization", "content-type", "content-length", "traceparent", "tracestate")
+}
 
 
 class BodyTooLarge(Exception):
@@ -91,10 +96,13 @@ class Receiver:
         path: str = scope["path"]
         named = path[len(self._prefix) :] if path.startswith(self._prefix) else None
         # Header names arrive lower-case from the server; values are latin-1 per HTTP. A
-        # repeated header counts by its first value, as Starlette's mapping reads it.
+        # repeated header counts by its first value, as Starlette's mapping reads it. Only the
+        # headers that something here reads are decoded.
         headers: dict[str, str] = {}
         for name, value in scope["headers"]:
-            headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+            key = _READ_HEADERS.get(name)
+            if key is not None and key not in headers:
+                headers[key] = value.decode("latin-1")
         status, body, extra = await self.handle(named or None, headers, receive)
         await send(
             {
