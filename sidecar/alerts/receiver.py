@@ -168,10 +168,9 @@ class Receiver:
                 trace, label, 400, "the client disconnected before sending the body"
             )
 
-        notification, problem = _parse(body)
+        notification, text = _parse(body)
         if notification is None:
-            return self._reject(trace, label, 400, problem)
-        text = body.decode("utf-8")  # valid: _parse checked it
+            return self._reject(trace, label, 400, text)
 
         receiver = named or notification.receiver
         label = named or (receiver if self.router.has_receiver(receiver) else _UNNAMED)
@@ -275,20 +274,20 @@ def _json(document: dict[str, Any]) -> bytes:
 
 
 def _parse(body: bytes) -> tuple[Notification | None, str]:
-    """The notification, or None and a message naming what is wrong."""
+    """The notification and the body as text, or None and a message naming what is wrong."""
     if not body:
         return None, "empty body: expected an Alertmanager webhook payload (JSON object)"
     try:
         # The fast path for what Alertmanager sends; anything it refuses is parsed again
         # below, slowly, for a message that names the problem.
         notification = Notification.model_validate_json(body)
-        body.decode("utf-8")
-        return notification, ""
+        return notification, body.decode("utf-8")
     except (ValidationError, UnicodeDecodeError, RecursionError):
         pass
     try:
         # Alertmanager sends UTF-8; decoding here stops json from guessing UTF-16 or 32.
-        data: Any = json.loads(body.decode("utf-8"))
+        text = body.decode("utf-8")
+        data: Any = json.loads(text)
     except UnicodeDecodeError as error:
         return None, f"body is not valid UTF-8 (byte {error.start})"
     except json.JSONDecodeError as error:
@@ -308,7 +307,7 @@ def _parse(body: bytes) -> tuple[Notification | None, str]:
         return None, f"version: only Alertmanager webhook version 4 is supported (got {version!r})"
     try:
         # Unpaired UTF-16 surrogate escapes fail here too: pydantic refuses them in a str.
-        return Notification.model_validate(data), ""
+        return Notification.model_validate(data), text
     except ValidationError as error:
         details = error.errors(include_url=False, include_input=False)
         problems = [
