@@ -181,11 +181,9 @@ class Receiver:
             status=notification.status,
         )
         with trace.route() as route:
-            destinations = [
-                name
-                for name in self.router.destinations_for(notification.common_labels, named)
-                if notification.status == "firing" or self.notifiers[name].send_resolved
-            ]
+            destinations = self.router.destinations_for(notification.common_labels, named)
+            if notification.status != "firing":
+                destinations = [name for name in destinations if self.notifiers[name].send_resolved]
             route.annotate(destinations=destinations)
         try:
             with trace.store(backend=self.backend):
