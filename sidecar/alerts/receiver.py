@@ -32,6 +32,11 @@ logger = logging.getLogger(__name__)
 
 MAX_REPORTED_ERRORS = 5
 _UNNAMED = "-"
+# Authentication, the body checks and the trace context (W3C) are all that the handling reads.
+_READ_HEADERS = {
+    name.encode("latin-1"): name
+    for name in ("authorization", "content-type", "content-length", "traceparent", "tracestate")
+}
 
 
 class BodyTooLarge(Exception):
@@ -66,6 +71,8 @@ class Receiver:
         self._path = config.path.rstrip("/") or "/"
         self._prefix = config.path.rstrip("/") + "/"
         self._counters: dict[tuple[str, str], Any] = {}
+        # Destination names come from the configuration, so there are few distinct answers.
+        self._accepted: dict[tuple[str, ...], bytes] = {}
 
     def match(self, scope: Scope) -> ASGIApp | None:
         """This receiver for a POST to its path or ``<path>/<receiver>``, else None.
@@ -89,10 +96,13 @@ class Receiver:
         path: str = scope["path"]
         named = path[len(self._prefix) :] if path.startswith(self._prefix) else None
         # Header names arrive lower-case from the server; values are latin-1 per HTTP. A
-        # repeated header counts by its first value, as Starlette's mapping reads it.
+        # repeated header counts by its first value, as Starlette's mapping reads it. Only the
+        # headers that something here reads are decoded.
         headers: dict[str, str] = {}
         for name, value in scope["headers"]:
-            headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+            key = _READ_HEADERS.get(name)
+            if key is not None and key not in headers:
+                headers[key] = value.decode("latin-1")
         status, body, extra = await self.handle(named or None, headers, receive)
         await send(
             {
@@ -158,10 +168,9 @@ class Receiver:
                 trace, label, 400, "the client disconnected before sending the body"
             )
 
-        notification, problem = _parse(body)
+        notification, text = _parse(body)
         if notification is None:
-            return self._reject(trace, label, 400, problem)
-        text = body.decode("utf-8")  # valid: _parse checked it
+            return self._reject(trace, label, 400, text)
 
         receiver = named or notification.receiver
         label = named or (receiver if self.router.has_receiver(receiver) else _UNNAMED)
@@ -172,11 +181,9 @@ class Receiver:
             status=notification.status,
         )
         with trace.route() as route:
-            destinations = [
-                name
-                for name in self.router.destinations_for(notification.common_labels, named)
-                if notification.status == "firing" or self.notifiers[name].send_resolved
-            ]
+            destinations = self.router.destinations_for(notification.common_labels, named)
+            if notification.status != "firing":
+                destinations = [name for name in destinations if self.notifiers[name].send_resolved]
             route.annotate(destinations=destinations)
         try:
             with trace.store(backend=self.backend):
@@ -208,7 +215,7 @@ class Receiver:
         if destinations:
             self.dispatcher.remember(text, notification)
             self.dispatcher.wake(destinations)
-        return 200, _json({"status": "accepted", "destinations": destinations}), []
+        return 200, self._accepted_answer(destinations), []
 
     async def _read_body(self, headers: Mapping[str, str], receive: Receive) -> bytes:
         # Straight from the ASGI messages: an async generator here would cost more than the
@@ -231,6 +238,15 @@ class Receiver:
                 raise BodyTooLarge
             more = message.get("more_body", False)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _accepted_answer(self, destinations: list[str]) -> bytes:
+        key = tuple(destinations)
+        answer = self._accepted.get(key)
+        if answer is None:
+            answer = self._accepted[key] = _json(
+                {"status": "accepted", "destinations": destinations}
+            )
+        return answer
 
     def _count(self, label: str, outcome: str) -> None:
         # The labelled child is looked up once per pair: labels() costs more than inc().
@@ -256,20 +272,20 @@ def _json(document: dict[str, Any]) -> bytes:
 
 
 def _parse(body: bytes) -> tuple[Notification | None, str]:
-    """The notification, or None and a message naming what is wrong."""
+    """The notification and the body as text, or None and a message naming what is wrong."""
     if not body:
         return None, "empty body: expected an Alertmanager webhook payload (JSON object)"
     try:
         # The fast path for what Alertmanager sends; anything it refuses is parsed again
         # below, slowly, for a message that names the problem.
         notification = Notification.model_validate_json(body)
-        body.decode("utf-8")
-        return notification, ""
+        return notification, body.decode("utf-8")
     except (ValidationError, UnicodeDecodeError, RecursionError):
         pass
     try:
         # Alertmanager sends UTF-8; decoding here stops json from guessing UTF-16 or 32.
-        data: Any = json.loads(body.decode("utf-8"))
+        text = body.decode("utf-8")
+        data: Any = json.loads(text)
     except UnicodeDecodeError as error:
         return None, f"body is not valid UTF-8 (byte {error.start})"
     except json.JSONDecodeError as error:
@@ -289,7 +305,7 @@ def _parse(body: bytes) -> tuple[Notification | None, str]:
         return None, f"version: only Alertmanager webhook version 4 is supported (got {version!r})"
     try:
         # Unpaired UTF-16 surrogate escapes fail here too: pydantic refuses them in a str.
-        return Notification.model_validate(data), ""
+        return Notification.model_validate(data), text
     except ValidationError as error:
         details = error.errors(include_url=False, include_input=False)
         problems = [

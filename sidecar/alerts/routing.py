@@ -84,8 +84,10 @@ class Router:
             )
             for route in config.routes
         ]
+        # Each receiver's destinations once, in order, so that one receiver needs no merging.
         self._receivers = {
-            receiver.name: tuple(receiver.destinations) for receiver in config.receivers
+            receiver.name: tuple(dict.fromkeys(receiver.destinations))
+            for receiver in config.receivers
         }
         self._default = config.default_receiver
 
@@ -105,7 +107,6 @@ class Router:
     def destinations_for(self, labels: Mapping[str, str], receiver: str | None = None) -> list[str]:
         """Destination names, each once, for a receiver named in the URL or by routing."""
         receivers: Sequence[str] = [receiver] if receiver else self.receivers_for(labels)
-        destinations: list[str] = []
-        for name in receivers:
-            destinations.extend(d for d in self._receivers[name] if d not in destinations)
-        return destinations
+        if len(receivers) == 1:
+            return list(self._receivers[receivers[0]])
+        return list(dict.fromkeys(d for name in receivers for d in self._receivers[name]))

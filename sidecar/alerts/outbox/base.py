@@ -49,7 +49,9 @@ def dedup_key(receiver: str, notification: Notification) -> str:
     Alertmanager peers send exactly this set twice, while a change in any alert's state makes
     a new notification.
     """
-    alerts = sorted(f"{alert.fingerprint}:{alert.status}" for alert in notification.alerts)
+    # A comprehension sorted in place: a generator fed to sorted() resumes a frame per alert.
+    alerts = [f"{alert.fingerprint}:{alert.status}" for alert in notification.alerts]
+    alerts.sort()
     text = "\x1f".join([receiver, notification.group_key, notification.status, *alerts])
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
