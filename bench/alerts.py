@@ -4,6 +4,8 @@ Runs ``wrk`` (Debian) with a Lua script posting a realistic 10-alert Alertmanage
 distinct group per request so that deduplication never short-cuts the write, against:
 
   baseline  starlette on uvicorn (httptools, uvloop) reading the same POST, storing nothing;
+  nothing   ``sidecar run`` with the outbox's enqueue answering "stored" without writing: what
+            the sidecar's HTTP handling, validation and routing cost without any storage;
   sqlite    ``sidecar run`` with the default SQLite outbox (WAL, synchronous=FULL, group commit);
   redis     ``sidecar run`` with the Redis Streams outbox on a private redis-server
             (appendonly yes, appendfsync everysec).
@@ -11,8 +13,9 @@ distinct group per request so that deduplication never short-cuts the write, aga
 The sidecar also runs its dispatcher during the run, as in production, with the default ``log``
 destination (one INFO line per alert). It runs at ``log_level: warning`` (those lines are
 dropped before formatting) and once at ``info`` with standard error going to a file, to show
-what writing them costs. Prints accepted/s, p50/p99 latency, the ratio to the baseline, and
-how many deliveries the dispatcher completed per second meanwhile.
+what writing them costs. Prints accepted/s, p50/p99 latency, the ratios to the baseline and
+to the sidecar storing nothing, CPU time of the server's processes (the sidecar's outbox
+writer included) per request, and how many deliveries the dispatcher completed meanwhile.
 
     /work/main/.venv/bin/python bench/alerts.py [--duration 10] [--connections 32]
 """
@@ -83,6 +86,23 @@ function request()
   local body = table.concat(pieces, "t" .. tid .. "n" .. counter)
   return wrk.format("POST", "/alerts", headers, body)
 end
+"""
+
+
+# The same sidecar with the outbox's enqueue answering "stored" at once: authentication,
+# validation, deduplication key, routing and the answer, and nothing written anywhere (so the
+# dispatcher has nothing to deliver either). Only this benchmark does this.
+STORING_NOTHING = """
+import sys
+from sidecar.alerts.outbox.sqlite import SqliteOutbox
+from sidecar.cli import main
+
+async def enqueue(self, *arguments, **options):
+    return True
+
+SqliteOutbox.enqueue = enqueue
+sys.argv[0] = "sidecar"
+raise SystemExit(main())
 """
 
 
@@ -167,7 +187,7 @@ def _latency(output: str, quantile: str) -> float:
 
 
 def start_sidecar(
-    workdir: Path, alerts: dict[str, Any], log_level: str = "warning"
+    workdir: Path, alerts: dict[str, Any], log_level: str = "warning", store: bool = True
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     config = {
@@ -179,8 +199,9 @@ def start_sidecar(
     }
     path = workdir / f"sidecar-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
+    command = ["-m", "sidecar"] if store else ["-c", STORING_NOTHING]
     process = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "run", "--config", str(path)],
+        [sys.executable, *command, "run", "--config", str(path)],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=(workdir / f"sidecar-{port}.log").open("ab"),
@@ -222,6 +243,15 @@ def main() -> None:
             )
         finally:
             stop(baseline)
+
+        sidecar, url = start_sidecar(workdir, {}, store=False)
+        try:
+            wait_ready(url, sidecar)
+            results["sidecar storing nothing"] = run_wrk(
+                url, script, args.duration, args.connections, sidecar.pid
+            )
+        finally:
+            stop(sidecar)
 
         for level in ("warning", "info"):
             sqlite_path = workdir / f"outbox-{level}.sqlite3"
@@ -271,23 +301,26 @@ def main() -> None:
             stop(redis)
 
     base = results["baseline (no storage)"]["accepted"]
+    same = results["sidecar storing nothing"]["accepted"]
     print(
         f"\nwrk -t1 -c{args.connections} -d{args.duration}s, {len(body)} byte body"
         " (10 alerts), distinct group per request\n"
     )
     print(
         f"{'server':<28} {'accepted/s':>11} {'non-2xx':>8} {'p50 ms':>8} {'p99 ms':>8}"
-        f" {'ratio':>6} {'CPU us/req':>11} {'CPU share':>10} {'delivered/s':>12}"
+        f" {'ratio':>6} {'vs nothing':>11} {'CPU us/req':>11} {'CPU share':>10}"
+        f" {'delivered/s':>12}"
     )
     for name, result in results.items():
         print(
             f"{name:<28} {result['accepted']:>11.0f} {result['failed']:>8.0f}"
             f" {result['p50']:>8.2f} {result['p99']:>8.2f} {result['accepted'] / base:>6.2f}"
+            f" {result['accepted'] / same:>11.2f}"
             f" {result['cpu_us']:>11.0f} {result['cpu_share']:>10.2f}"
             f" {'-' if name.startswith('baseline') else format(result['delivered'], '.0f'):>12}"
         )
-    # CPU share is the server's CPU seconds per wall second: below 1.0 while wrk waits means
-    # the machine's other processes, not the server, set the pace.
+    # CPU share is the server's CPU seconds (all its processes) per wall second. The two CPUs
+    # here slow each other down when both are busy, so wrk, the sidecar and its writer compete.
     print(f"\nload average during the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
 

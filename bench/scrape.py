@@ -58,6 +58,18 @@ def series_count(body: str) -> int:
     return sum(1 for line in body.splitlines() if line and not line.startswith("#"))
 
 
+def memory(pid: int) -> tuple[int, int, int, int]:
+    """Processes, summed resident set, resident set of the first, summed proportional set.
+
+    The sidecar's SQLite outbox runs in a writer process of its own, so a process and its
+    children are counted together."""
+    main = psutil.Process(pid)
+    members = [main, *main.children(recursive=True)]
+    rss = sum(member.memory_info().rss for member in members)
+    pss = sum(member.memory_full_info().pss for member in members)
+    return len(members), rss, main.memory_info().rss, pss
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
@@ -110,10 +122,7 @@ def main() -> None:
         for url, process in targets.values():
             wait_ready(url, process)
         time.sleep(2)  # let both settle before reading idle memory
-        idle_rss = {
-            name: psutil.Process(process.pid).memory_info().rss
-            for name, (_, process) in targets.items()
-        }
+        idle = {name: memory(process.pid) for name, (_, process) in targets.items()}
         rows = []
         for mode, headers in (("text", {}), ("prometheus (openmetrics+gzip)", PROMETHEUS_HEADERS)):
             timings: dict[str, list[float]] = {name: [] for name in targets}
@@ -132,10 +141,7 @@ def main() -> None:
                         response.raise_for_status()
             medians = {name: statistics.median(values) for name, values in timings.items()}
             rows.append((mode, timings, medians, series))
-        loaded_rss = {
-            name: psutil.Process(process.pid).memory_info().rss
-            for name, (_, process) in targets.items()
-        }
+        loaded = {name: memory(process.pid) for name, (_, process) in targets.items()}
     finally:
         for _, process in targets.values():
             process.terminate()
@@ -156,10 +162,22 @@ def main() -> None:
                 f"{percentile(timings[name], 0.99) * 1000:.2f} | {shown} |"
             )
     print()
-    print("| exporter | resident memory idle MB | after the scrapes MB |")
-    print("|---|---:|---:|")
+    print(
+        "| exporter | processes | resident idle MB (main + others) | proportional idle MB"
+        " | resident after the scrapes MB |"
+    )
+    print("|---|---:|---:|---:|---:|")
     for name in targets:
-        print(f"| {name} | {idle_rss[name] / 1e6:.1f} | {loaded_rss[name] / 1e6:.1f} |")
+        count, rss, main_rss, pss = idle[name]
+        print(
+            f"| {name} | {count} | {rss / 1e6:.1f} ({main_rss / 1e6:.1f} + "
+            f"{(rss - main_rss) / 1e6:.1f}) | {pss / 1e6:.1f} | {loaded[name][1] / 1e6:.1f} |"
+        )
+    print(
+        "\nresident: the sum of the processes' resident sets, which counts memory they share"
+        " (the interpreter's code) once per process; proportional: each shared page divided"
+        " among the processes sharing it, which is what the node's memory holds for them."
+    )
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 RESTART_INTERVAL = 1.0
 STOP_TIMEOUT = 10.0
+SEND_EVERY = 8
+"""Requests held back while the writer is busy before they are written to it anyway: the loop
+may take many milliseconds over one turn, and the writer can start on these meanwhile."""
 MAX_UNSENT = 64 << 20
 """Bytes of requests waiting for the pipe beyond which new requests are refused (503)."""
 
@@ -284,13 +287,14 @@ class _WriterProcess:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         self._unsent.append(sqlite_writer.encode((request_id, operation, arguments, durable)))
-        if len(self._waiting) == 1:
-            # The writer has nothing to do: hand it this one now rather than at the end of
-            # the loop's turn, so that it commits while the loop goes on with other requests.
+        if len(self._waiting) == 1 or len(self._unsent) >= SEND_EVERY:
+            # The writer has nothing to do, or enough for a transaction waits: hand it over
+            # now rather than at the end of the loop's turn, so that the writer commits while
+            # the loop goes on with other requests.
             self._send()
         elif len(self._unsent) == 1:
-            # It is busy: what comes during this turn goes in one write, and it takes all of
-            # it into its next transaction.
+            # It is busy: what comes during this turn goes in as few writes as possible, and
+            # it takes all that reached it into its next transaction.
             asyncio.get_running_loop().call_soon(self._send)
         return future
 
