@@ -216,3 +216,28 @@ def test_the_write_ahead_log_is_checkpointed_and_stays_bounded(tmp_path: Path) -
     assert stats[0] == 2000
     assert count == 2000
     assert not (tmp_path / "outbox.sqlite3-wal").exists()
+
+
+async def test_an_unreadable_answer_ends_the_writer_and_a_new_one_takes_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    outbox = _outbox(tmp_path / "outbox.sqlite3")
+    await outbox.start()
+    first = outbox.writer_pid
+
+    def garbled(payload: bytes | bytearray) -> object:
+        raise ValueError("bad marshal data")
+
+    monkeypatch.setattr(sqlite_writer, "load", garbled)
+    with pytest.raises(OutboxUnavailable, match="exited"):
+        await outbox.enqueue(_notification("lost"), ["a"], "lost")
+    monkeypatch.undo()
+    stored = await poll(
+        lambda: _try_enqueue(outbox, "later"), within=10, what="a new writer to take requests"
+    )
+    second = outbox.writer_pid
+    await outbox.stop()
+
+    assert stored is True
+    assert second not in (None, first)
+    assert "unreadable answer from the SQLite outbox writer" in caplog.text

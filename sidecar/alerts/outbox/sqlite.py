@@ -332,7 +332,13 @@ class _WriterProcess:
                         kind, message = value
                         future.set_exception(_ERRORS.get(kind, OutboxUnavailable)(message))
         except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+            pass  # the writer ended: its exit code says why
+        except Exception:
+            # The boundary of the answers' task: a reply that cannot be read leaves every
+            # waiting request without an answer, so the writer is ended and replaced.
+            logger.exception("unreadable answer from the SQLite outbox writer; ending it")
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
         code = await self._process.wait()
         if self.alive and self._waiting.keys() - {0}:
             logger.error("the SQLite outbox writer exited with code %s", code)

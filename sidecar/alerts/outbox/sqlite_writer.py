@@ -40,8 +40,9 @@ import threading
 import time
 import zlib
 
-# Only the interpreter and sqlite3 are loaded at run time: every module imported here stays
-# resident in the writer for the life of the sidecar. Types are for the type checker alone.
+# Only small modules of the standard library are loaded at run time: every module imported
+# here stays resident in the writer for the life of the sidecar. Types are for the type
+# checker alone.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
