@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -180,42 +179,6 @@ def test_an_operation_refused_in_a_batch_fails_alone(tmp_path: Path) -> None:
     assert "max_depth" in results[1][2][1]
     assert results[2] == (3, True, (1, pytest.approx(0, abs=5), 0))
     assert writer.commits == 1
-
-
-def test_the_write_ahead_log_is_checkpointed_and_stays_bounded(tmp_path: Path) -> None:
-    path = tmp_path / "outbox.sqlite3"
-    limit = 256 * 1024
-    settings = sqlite_writer.Settings(
-        path=str(path),
-        max_depth=100_000,
-        dedup_window=60,
-        lease=60,
-        retention=60,
-        checkpoint_bytes=limit,
-    )
-    writer = sqlite_writer.Writer(settings)
-    writer.open()
-    body = _notification("c").to_json()
-    largest = 0
-
-    for batch in range(200):
-        requests = [
-            (i, "enqueue", (f"k{batch}-{i}", "g", "group", body, ["a"], ""), True)
-            for i in range(10)
-        ]
-        assert all(ok for _, ok, _ in writer.run_batch(requests))
-        largest = max(largest, writer.checkpointer.log_size())
-    stats = writer.run_batch([(1, "stats", (), False)])[0][2]
-    writer.close()
-    reopened = sqlite3.connect(path)
-    (count,) = reopened.execute("SELECT COUNT(*) FROM notifications").fetchone()
-    reopened.close()
-
-    # About 10 MB were written: without checkpoints the log would hold all of it.
-    assert largest <= 8 * limit + 512 * 1024
-    assert stats[0] == 2000
-    assert count == 2000
-    assert not (tmp_path / "outbox.sqlite3-wal").exists()
 
 
 async def test_an_unreadable_answer_ends_the_writer_and_a_new_one_takes_over(

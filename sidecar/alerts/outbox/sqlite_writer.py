@@ -36,7 +36,6 @@ import signal
 import sqlite3
 import struct
 import sys
-import threading
 import time
 import zlib
 
@@ -55,10 +54,6 @@ ERROR = 40
 """The ``logging.ERROR`` level, for log lines sent to the parent."""
 
 HEADER = struct.Struct("<I")
-CHECKPOINT_BYTES = 16 << 20
-"""Size of the write-ahead log beyond which it is copied into the database (checkpoint). Eight
-times this, the writer checkpoints itself, to keep the log bounded under load that never lets
-the background checkpoints catch up."""
 READ_SIZE = 1 << 20
 
 SCHEMA = """
@@ -137,7 +132,6 @@ class Settings:
         retention: float,
         batch_size: int = 256,
         recover: bool = True,
-        checkpoint_bytes: int = CHECKPOINT_BYTES,
     ) -> None:
         self.path = path
         self.max_depth = max_depth
@@ -146,7 +140,6 @@ class Settings:
         self.retention = retention
         self.batch_size = batch_size
         self.recover = recover
-        self.checkpoint_bytes = checkpoint_bytes
 
     def argument(self) -> str:
         """The settings as the writer's command-line argument."""
@@ -167,7 +160,6 @@ class Writer:
         self.durable = True
         self.log: list[tuple[int, str]] = []
         self.connection = self._connect(settings.path)
-        self.checkpointer = Checkpointer(settings.path)
 
     def _connect(self, path: str) -> sqlite3.Connection:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -177,10 +169,6 @@ class Writer:
             # FULL: a commit is on disk when it returns, which is what the 2xx promises.
             connection.execute("PRAGMA synchronous=FULL")
             connection.execute("PRAGMA busy_timeout=5000")
-            # Commits never checkpoint: see Checkpointer. A log emptied by a checkpoint is
-            # cut back to this size when it starts again.
-            connection.execute("PRAGMA wal_autocheckpoint=0")
-            connection.execute(f"PRAGMA journal_size_limit={self.settings.checkpoint_bytes}")
             connection.executescript(SCHEMA)
             _add_missing_columns(connection)
         except sqlite3.Error:
@@ -200,8 +188,6 @@ class Writer:
         return self.depth
 
     def close(self) -> None:
-        self.checkpointer.stop()
-        # The last connection to close checkpoints the whole log and removes it.
         self.connection.close()
 
     def count_depth(self) -> None:
@@ -238,15 +224,7 @@ class Writer:
                 raise _OperationFailed from error
         self.connection.execute("COMMIT")
         self.commits += 1
-        self._after_commit()
         return outcomes
-
-    def _after_commit(self) -> None:
-        size = self.checkpointer.log_size()
-        if size > 8 * self.settings.checkpoint_bytes:
-            self.connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-        elif size > self.settings.checkpoint_bytes:
-            self.checkpointer.due.set()
 
     def _run_isolated(self, batch: list[Request]) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
@@ -265,7 +243,6 @@ class Writer:
                     outcomes.append((False, _refusal(error)))
             connection.execute("COMMIT")
             self.commits += 1
-            self._after_commit()
         except sqlite3.Error as error:
             return self._fail(batch, error)
         return outcomes
@@ -286,49 +263,6 @@ class Writer:
             self.connection.execute("ROLLBACK")
         reason = ("unavailable", f"SQLite outbox {self.settings.path}: {error}")
         return [(False, reason)] * len(batch)
-
-
-class Checkpointer:
-    """Copies the write-ahead log into the database on a thread of its own.
-
-    A checkpoint run inside a commit (SQLite's default) held that batch's requests, and every
-    request behind them, for as long as copying and syncing megabytes took. Here it runs beside
-    the commits, as a PASSIVE checkpoint that never blocks them, on its own connection; the
-    thread holds the interpreter only between its statements."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.due = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="checkpointer", daemon=True)
-        self._thread.start()
-
-    def log_size(self) -> int:
-        try:
-            return os.stat(self.path + "-wal").st_size
-        except OSError:
-            return 0
-
-    def _run(self) -> None:
-        connection = sqlite3.connect(self.path, isolation_level=None)
-        try:
-            connection.execute("PRAGMA busy_timeout=5000")
-            while True:
-                self.due.wait()
-                if self._stopping:
-                    return
-                try:  # noqa: SIM105 - contextlib would stay loaded in the writer for this alone
-                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                except sqlite3.Error:
-                    pass  # the database busy beyond the timeout: again after the next commit
-                self.due.clear()
-        finally:
-            connection.close()
-
-    def stop(self) -> None:
-        self._stopping = True
-        self.due.set()
-        self._thread.join()
 
 
 def _refusal(error: Exception) -> tuple[str, str]:
