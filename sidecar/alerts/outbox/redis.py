@@ -47,21 +47,36 @@ logger = logging.getLogger(__name__)
 
 GROUP = "dispatchers"
 
+# Every notification accepted during one turn of the event loop, in one call.
+# KEYS: depth. ARGV: prefix, dedup window (ms), max depth, then for each notification: its
+# dedup key, group, acceptance time, the number n of destinations, n (destination, delivery
+# id) pairs, trace context and body. Returns 1 (stored), 0 (duplicate) or -1 (full) for each.
 _ENQUEUE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local prefix, n = ARGV[1], tonumber(ARGV[6])
-if n > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') + n > tonumber(ARGV[3]) then
-  return -1
+local prefix, window, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local depth = tonumber(redis.call('GET', KEYS[1]) or '0')
+local added, results, i = 0, {}, 4
+while i <= #ARGV do
+  local key, group, accepted, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local trace, body = ARGV[i + 4 + 2 * n], ARGV[i + 5 + 2 * n]
+  if redis.call('EXISTS', key) == 1 then
+    results[#results + 1] = 0
+  elseif n > 0 and depth + added + n > limit then
+    results[#results + 1] = -1
+  else
+    redis.call('SET', key, '1', 'PX', window)
+    for j = 0, n - 1 do
+      local destination, id = ARGV[i + 4 + 2 * j], ARGV[i + 5 + 2 * j]
+      redis.call('RPUSH', prefix .. ':order:' .. destination .. ':' .. group, id)
+      redis.call('XADD', prefix .. ':stream:' .. destination, '*', 'id', id, 'group', group,
+        'attempts', '0', 'accepted_at', accepted, 'trace', trace, 'body', body)
+    end
+    added = added + n
+    results[#results + 1] = 1
+  end
+  i = i + 6 + 2 * n
 end
-redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
-for i = 1, n do
-  local destination, id = ARGV[7 + 2 * (i - 1)], ARGV[8 + 2 * (i - 1)]
-  redis.call('RPUSH', prefix .. ':order:' .. destination .. ':' .. ARGV[4], id)
-  redis.call('XADD', prefix .. ':stream:' .. destination, '*', 'id', id, 'group', ARGV[4],
-    'attempts', '0', 'accepted_at', ARGV[5], 'trace', ARGV[#ARGV - 1], 'body', ARGV[#ARGV])
-end
-redis.call('INCRBY', KEYS[2], n)
-return 1
+if added > 0 then redis.call('INCRBY', KEYS[1], added) end
+return results
 """
 
 # KEYS: stream, order, depth, delayed, dead. ARGV: entry id, delivery id, action, score, member.
@@ -200,9 +215,7 @@ class RedisOutbox:
         trace_context: str = "",
     ) -> bool:
         arguments: list[Any] = [
-            self.prefix,
-            max(1, int(self.dedup_window * 1000)),
-            self.max_depth,
+            self.key("dedup", key),
             group_id(notification.group_key),
             repr(time.time()),
             len(destinations),
@@ -211,9 +224,8 @@ class RedisOutbox:
             arguments += [destination, uuid.uuid4().hex]
         arguments.append(trace_context)
         arguments.append(body if body is not None else notification.to_json())
-        result = await self._run_script(
-            self._enqueue, [self.key("dedup", key), self.key("depth")], arguments
-        )
+        # Joined with the other notifications of this turn into one call: see _units.
+        result = await self._run_script(self._enqueue, [self.key("depth")], arguments)
         if result == -1:
             raise OutboxFull(f"the Redis outbox holds {self.max_depth} deliveries (max_depth)")
         return bool(result)
@@ -327,28 +339,54 @@ class RedisOutbox:
             else:
                 future.set_result(result)
 
+    def _units(
+        self, calls: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]]
+    ) -> list[tuple[AsyncScript, list[str], list[Any], list[int]]]:
+        """The script calls to send, each with the indices of the calls it answers.
+
+        Enqueues become one call of the enqueue script, which takes any number of
+        notifications: per notification that saves a command's packing, sending and parsing."""
+        units = [
+            (script, keys, args, [index])
+            for index, (script, keys, args, _) in enumerate(calls)
+            if script is not self._enqueue
+        ]
+        enqueues = [index for index, call in enumerate(calls) if call[0] is self._enqueue]
+        if enqueues:
+            header = [self.prefix, max(1, int(self.dedup_window * 1000)), self.max_depth]
+            arguments = header + [value for index in enqueues for value in calls[index][2]]
+            units.append((self._enqueue, [self.key("depth")], arguments, enqueues))
+        return units
+
     async def _evaluate(
         self, calls: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]]
     ) -> list[Any]:
+        units = self._units(calls)
         pipe = self.redis.pipeline(transaction=False)
-        for script, keys, args, _ in calls:
+        for script, keys, args, _ in units:
             pipe.evalsha(script.sha, len(keys), *keys, *args)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
-        missing = {id(calls[i][0]) for i, r in enumerate(results) if isinstance(r, NoScriptError)}
-        if not missing:
-            return results
-        # Redis lost its script cache (a restart): load the scripts and run again only the
-        # calls that failed for it, which therefore did nothing.
-        for script in {id(call[0]): call[0] for call in calls}.values():
-            if id(script) in missing:
+        answers: list[Any] = await pipe.execute(raise_on_error=False)
+        again = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
+        if again:
+            # Redis lost its script cache (a restart): load the scripts and run again only
+            # the calls that failed for it, which therefore did nothing.
+            for script in {id(units[i][0]): units[i][0] for i in again}.values():
                 await self.redis.script_load(script.script)
-        again = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        pipe = self.redis.pipeline(transaction=False)
-        for i in again:
-            script, keys, args, _ = calls[i]
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-        for i, result in zip(again, await pipe.execute(raise_on_error=False), strict=True):
-            results[i] = result
+            pipe = self.redis.pipeline(transaction=False)
+            for i in again:
+                script, keys, args, _ = units[i]
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            for i, answer in zip(again, await pipe.execute(raise_on_error=False), strict=True):
+                answers[i] = answer
+
+        results: list[Any] = [None] * len(calls)
+        for (script, _, _, indices), answer in zip(units, answers, strict=True):
+            if script is not self._enqueue or isinstance(answer, Exception):
+                for index in indices:
+                    results[index] = answer
+            else:
+                for index, value in zip(indices, answer, strict=True):
+                    results[index] = value
         return results
 
     def _fields(self, delivery_id: str) -> dict[str, Any]:
