@@ -16,8 +16,10 @@ dropped before formatting) and once at ``info`` with standard error going to a f
 what writing them costs. Prints accepted/s, p50/p99 latency, the ratios to the baseline and
 to the sidecar storing nothing, CPU time of the server's processes (the sidecar's outbox
 writer included) per request, and how many deliveries the dispatcher completed meanwhile.
+Every server runs once per round, and the table gives the median of the rounds; the ratios
+are taken within each round (the range over the rounds is shown too).
 
-    /work/main/.venv/bin/python bench/alerts.py [--duration 10] [--connections 32]
+    /work/main/.venv/bin/python bench/alerts.py [--duration 10] [--connections 32] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -104,6 +107,10 @@ SqliteOutbox.enqueue = enqueue
 sys.argv[0] = "sidecar"
 raise SystemExit(main())
 """
+
+
+BASELINE = "baseline (no storage)"
+NOTHING = "sidecar storing nothing"
 
 
 def free_port() -> int:
@@ -218,109 +225,126 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
+def redis_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A private redis-server with an append-only file flushed every second."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    return process, f"redis://127.0.0.1:{port}/0"
+
+
+def measure_sidecar(
+    workdir: Path,
+    script: Path,
+    args: argparse.Namespace,
+    alerts: dict[str, Any],
+    log_level: str = "warning",
+    store: bool = True,
+) -> dict[str, float]:
+    sidecar, url = start_sidecar(workdir, alerts, log_level=log_level, store=store)
+    try:
+        wait_ready(url, sidecar)
+        return run_wrk(url, script, args.duration, args.connections, sidecar.pid)
+    finally:
+        stop(sidecar)
+
+
+def one_round(
+    number: int, workdir: Path, script: Path, args: argparse.Namespace, redis_url: str
+) -> dict[str, dict[str, float]]:
+    """Every server once, one after the other."""
+    results: dict[str, dict[str, float]] = {}
+    port = free_port()
+    baseline = subprocess.Popen([sys.executable, "-c", BASELINE_APP.replace("PORT", str(port))])
+    url = f"http://127.0.0.1:{port}/alerts"
+    try:
+        wait_ready(url, baseline)
+        results[BASELINE] = run_wrk(
+            url, script, args.duration, args.connections, baseline.pid, sidecar=False
+        )
+    finally:
+        stop(baseline)
+    results[NOTHING] = measure_sidecar(workdir, script, args, {}, store=False)
+    for level in ("warning", "info"):
+        path = workdir / f"outbox-{number}-{level}.sqlite3"
+        results[f"sidecar sqlite, log {level}"] = measure_sidecar(
+            workdir, script, args, {"sqlite": {"path": str(path)}}, log_level=level
+        )
+    redis = {"backend": "redis", "redis": {"url": redis_url, "prefix": f"bench{number}"}}
+    results["sidecar redis, log warning"] = measure_sidecar(workdir, script, args, redis)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per run")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="times every server is run")
     args = parser.parse_args()
     if shutil.which("wrk") is None or shutil.which("redis-server") is None:
         raise SystemExit("needs wrk and redis-server (apt-get install wrk redis-server)")
 
     body = json.dumps(payload("BENCHGROUP", alerts=10))
-    results: dict[str, dict[str, float]] = {}
+    rounds: list[dict[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as temporary:
         workdir = Path(temporary)
         script = workdir / "post.lua"
         script.write_text(LUA.replace("BODY", body))
-
-        port = free_port()
-        baseline = subprocess.Popen([sys.executable, "-c", BASELINE_APP.replace("PORT", str(port))])
-        url = f"http://127.0.0.1:{port}/alerts"
+        redis, redis_url = redis_server(workdir)
         try:
-            wait_ready(url, baseline)
-            results["baseline (no storage)"] = run_wrk(
-                url, script, args.duration, args.connections, baseline.pid, sidecar=False
-            )
-        finally:
-            stop(baseline)
-
-        sidecar, url = start_sidecar(workdir, {}, store=False)
-        try:
-            wait_ready(url, sidecar)
-            results["sidecar storing nothing"] = run_wrk(
-                url, script, args.duration, args.connections, sidecar.pid
-            )
-        finally:
-            stop(sidecar)
-
-        for level in ("warning", "info"):
-            sqlite_path = workdir / f"outbox-{level}.sqlite3"
-            sidecar, url = start_sidecar(
-                workdir, {"sqlite": {"path": str(sqlite_path)}}, log_level=level
-            )
-            try:
-                wait_ready(url, sidecar)
-                results[f"sidecar sqlite, log {level}"] = run_wrk(
-                    url, script, args.duration, args.connections, sidecar.pid
-                )
-            finally:
-                stop(sidecar)
-
-        redis_port = free_port()
-        redis = subprocess.Popen(
-            [
-                "redis-server",
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(redis_port),
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "everysec",
-                "--dir",
-                str(workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            redis_url = f"redis://127.0.0.1:{redis_port}/0"
-            sidecar, url = start_sidecar(
-                workdir, {"backend": "redis", "redis": {"url": redis_url, "prefix": "bench"}}
-            )
-            try:
-                wait_ready(url, sidecar)
-                results["sidecar redis, log warning"] = run_wrk(
-                    url, script, args.duration, args.connections, sidecar.pid
-                )
-            finally:
-                stop(sidecar)
+            for number in range(1, args.rounds + 1):
+                print(f"round {number} of {args.rounds}", file=sys.stderr, flush=True)
+                rounds.append(one_round(number, workdir, script, args, redis_url))
         finally:
             stop(redis)
 
-    base = results["baseline (no storage)"]["accepted"]
-    same = results["sidecar storing nothing"]["accepted"]
+    def ratios(name: str, to: str) -> list[float]:
+        return [each[name]["accepted"] / each[to]["accepted"] for each in rounds]
+
     print(
         f"\nwrk -t1 -c{args.connections} -d{args.duration}s, {len(body)} byte body"
-        " (10 alerts), distinct group per request\n"
+        f" (10 alerts), distinct group per request; median of {args.rounds} rounds\n"
     )
     print(
         f"{'server':<28} {'accepted/s':>11} {'non-2xx':>8} {'p50 ms':>8} {'p99 ms':>8}"
-        f" {'ratio':>6} {'vs nothing':>11} {'CPU us/req':>11} {'CPU share':>10}"
-        f" {'delivered/s':>12}"
+        f" {'ratio':>6} {'vs nothing':>11} {'vs nothing, rounds':>19} {'CPU us/req':>11}"
+        f" {'CPU share':>10} {'delivered/s':>12}"
     )
-    for name, result in results.items():
+    for name in rounds[0]:
+
+        def median(key: str, name: str = name) -> float:
+            return statistics.median(each[name][key] for each in rounds)
+
+        each_round = ratios(name, NOTHING)
+        spread = f"{min(each_round):.2f}-{max(each_round):.2f}"
         print(
-            f"{name:<28} {result['accepted']:>11.0f} {result['failed']:>8.0f}"
-            f" {result['p50']:>8.2f} {result['p99']:>8.2f} {result['accepted'] / base:>6.2f}"
-            f" {result['accepted'] / same:>11.2f}"
-            f" {result['cpu_us']:>11.0f} {result['cpu_share']:>10.2f}"
-            f" {'-' if name.startswith('baseline') else format(result['delivered'], '.0f'):>12}"
+            f"{name:<28} {median('accepted'):>11.0f} {median('failed'):>8.0f}"
+            f" {median('p50'):>8.2f} {median('p99'):>8.2f}"
+            f" {statistics.median(ratios(name, BASELINE)):>6.2f}"
+            f" {statistics.median(each_round):>11.2f} {spread:>19}"
+            f" {median('cpu_us'):>11.0f} {median('cpu_share'):>10.2f}"
+            f" {'-' if name == BASELINE else format(median('delivered'), '.0f'):>12}"
         )
-    # CPU share is the server's CPU seconds (all its processes) per wall second. The two CPUs
-    # here slow each other down when both are busy, so wrk, the sidecar and its writer compete.
+    # Ratios are taken within each round, between runs a minute apart at most, and their median
+    # is shown: the machine's speed drifts by more than 10% over minutes. CPU share is the
+    # server's CPU seconds (all its processes) per wall second; the two CPUs here slow each
+    # other down when both are busy, so wrk, the sidecar and its writer compete.
     print(f"\nload average during the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
 
