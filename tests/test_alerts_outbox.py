@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -347,3 +348,29 @@ async def test_redis_outbox_loads_its_scripts_again_after_redis_forgets_them(
     assert stored is True
     assert len(claims) == 2
     assert stats.depth == 0
+
+
+async def test_redis_outbox_fails_waiting_callers_when_its_own_code_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_outbox("redis", tmp_path, ["a"], "broken") as outbox:
+        assert isinstance(outbox, RedisOutbox)
+
+        async def broken(calls: list[Any]) -> list[Any]:
+            raise ValueError("an answer of the wrong length")
+
+        monkeypatch.setattr(outbox, "_evaluate", broken)
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                outbox.enqueue(_notification("x1"), ["a"], "broken-1"),
+                outbox.enqueue(_notification("x2"), ["a"], "broken-2"),
+                return_exceptions=True,
+            ),
+            timeout=10,
+        )
+        monkeypatch.undo()
+        stored = await outbox.enqueue(_notification("x1"), ["a"], "broken-1")
+
+    assert [type(result) for result in results] == [OutboxUnavailable, OutboxUnavailable]
+    assert "ValueError: an answer of the wrong length" in str(results[0])
+    assert stored is True  # nothing was written by the failed call

@@ -326,13 +326,20 @@ class RedisOutbox:
         self, calls: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]]
     ) -> None:
         try:
-            results = await self._evaluate(calls)
-        except (RedisError, OSError) as error:
+            results: list[Any] = await self._evaluate(calls)
+        except asyncio.CancelledError:
+            for *_, future in calls:
+                future.cancel()
+            raise
+        except Exception as error:
+            # Redis failed, or this code did: either way no caller may be left waiting.
+            if not isinstance(error, (RedisError, OSError)):
+                logger.exception("the Redis outbox could not run %d scripts", len(calls))
             results = [error] * len(calls)
         for (_, _, _, future), result in zip(calls, results, strict=True):
             if future.done():
                 continue
-            if isinstance(result, (RedisError, OSError)):
+            if isinstance(result, Exception):
                 failure = OutboxUnavailable(f"Redis outbox: {type(result).__name__}: {result}")
                 failure.__cause__ = result
                 future.set_exception(failure)
