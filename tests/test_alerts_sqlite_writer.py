@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 
 from sidecar.alerts.outbox import sqlite_writer
 from sidecar.alerts.outbox.base import OutboxUnavailable
-from sidecar.alerts.outbox.sqlite import SqliteOutbox
+from sidecar.alerts.outbox.sqlite import SqliteOutbox, _WriterProcess
 from sidecar.alerts.payload import Notification
 from tests.alerts_support import payload, poll
 
@@ -204,3 +207,117 @@ async def test_an_unreadable_answer_ends_the_writer_and_a_new_one_takes_over(
     assert stored is True
     assert second not in (None, first)
     assert "unreadable answer from the SQLite outbox writer" in caplog.text
+
+
+class _FailingCommit:
+    """A connection whose next COMMIT fails, as it does when the disk fills up."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+        self.fail = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connection, name)
+
+    def execute(self, sql: str, *parameters: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT" and self.fail:
+            self.fail = False
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._connection.execute(sql, *parameters)
+
+
+def test_a_failed_commit_leaves_the_bound_as_it_was(tmp_path: Path) -> None:
+    settings = sqlite_writer.Settings(
+        path=str(tmp_path / "outbox.sqlite3"), max_depth=3, dedup_window=60, lease=60, retention=60
+    )
+    writer = sqlite_writer.Writer(settings)
+    writer.open()
+    real = writer.connection
+    writer.connection = _FailingCommit(real)  # type: ignore[assignment]
+    body = _notification("b").to_json()
+
+    failed = writer.run_batch(
+        [(n, "enqueue", (f"lost{n}", "g", "group", body, ["a"], ""), True) for n in (1, 2, 3)]
+    )
+    depth_after_failure = writer.depth
+    stored = writer.run_batch(
+        [(n, "enqueue", (f"kept{n}", "g", "group", body, ["a"], ""), True) for n in (4, 5, 6)]
+    )
+    (rows,) = real.execute("SELECT COUNT(*) FROM deliveries").fetchone()
+    writer.close()
+
+    assert [result[1] for result in failed] == [False, False, False]
+    assert failed[0][2][0] == "unavailable"
+    assert depth_after_failure == 0
+    # The three that failed took no room: the next three fit under max_depth 3.
+    assert stored == [(4, True, True), (5, True, True), (6, True, True)]
+    assert rows == 3
+
+
+def _lock(path: Path) -> sqlite3.Connection:
+    """A connection holding the database's write lock, which stalls a starting writer."""
+    connection = sqlite3.connect(path, isolation_level=None)
+    connection.execute("BEGIN EXCLUSIVE")
+    return connection
+
+
+async def test_a_writer_cancelled_while_it_opens_does_not_outlive_its_caller(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    outbox = _outbox(path)
+    await outbox.start()
+    await outbox.stop()
+    lock = _lock(path)
+    writer = _WriterProcess()
+    # A first start releases leases, so it waits for the lock (busy_timeout) before answering.
+    opening = asyncio.create_task(writer.open(outbox.settings))
+    await poll(lambda: writer.pid is not None, within=10, what="the writer process to start")
+    process = psutil.Process(writer.pid)
+
+    opening.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+    # Well before the lock's wait (busy_timeout, 5 s) would end it with a startup error.
+    gone = await poll(lambda: _gone(process), within=2, what="the cancelled writer to exit")
+    lock.rollback()
+    lock.close()
+
+    assert gone
+
+
+async def test_a_restart_under_way_when_the_outbox_stops_leaves_no_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outbox = _outbox(tmp_path / "outbox.sqlite3")
+    await outbox.start()
+    first = outbox.writer_pid
+    assert first is not None
+    gate = asyncio.Event()
+    spawn = outbox._spawn
+
+    async def held(settings: sqlite_writer.Settings) -> Any:
+        await gate.wait()
+        return await spawn(settings)
+
+    monkeypatch.setattr(outbox, "_spawn", held)
+    monkeypatch.setattr("sidecar.alerts.outbox.sqlite.RESTART_INTERVAL", 0.0)
+    os.kill(first, signal.SIGKILL)
+    await poll(lambda: outbox.writer_pid is None, within=10, what="the killed writer to be noticed")
+
+    request = asyncio.create_task(outbox.stats())
+    await poll(outbox._restarting.locked, within=10, what="the restart to begin")
+    await outbox.stop()
+    gate.set()
+    with pytest.raises(OutboxUnavailable, match="stopped"):
+        await request
+
+    assert outbox.writer_pid is None
+    assert psutil.Process().children() == []
+
+
+def _gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

@@ -1,11 +1,14 @@
 """The SQLite outbox: one file in WAL mode, written by a process of its own with group commit.
 
 The writer process (``sqlite_writer``) owns the connection and runs every operation; this
-class is its asynchronous front. Requests made during one turn of the event loop go to the
-writer in one write; the writer runs every request that reached it while it was busy in one
-transaction, commits once with ``synchronous=FULL`` and only then answers. Concurrent webhook
-requests thus share one fsync, none is acknowledged before the commit that holds it, and the
-statements and commits run on another core than the event loop.
+class is its asynchronous front. A request goes to the writer at once when it is idle, and
+otherwise with the others of the loop's turn, at most ``SEND_EVERY`` held back; the writer runs
+every request that reached it while it was busy in one transaction, commits once and only then
+answers. A transaction holding a new notification commits with ``synchronous=FULL``; one of
+dispatcher bookkeeping only (claims, completions, retries) with ``NORMAL``, whose loss on power
+failure means a redelivery. Concurrent webhook requests thus share one fsync, none is
+acknowledged before the commit that holds it, and the statements and commits run on another
+core than the event loop.
 
 If the writer dies, the requests waiting on it fail with ``OutboxUnavailable`` (the receiver
 answers 503, the dispatcher's leases run out) and the next operation starts a new writer, at
@@ -42,7 +45,8 @@ SEND_EVERY = 8
 """Requests held back while the writer is busy before they are written to it anyway: the loop
 may take many milliseconds over one turn, and the writer can start on these meanwhile."""
 MAX_UNSENT = 64 << 20
-"""Bytes of requests waiting for the pipe beyond which new requests are refused (503)."""
+"""Bytes of requests waiting for the pipe beyond which durable requests (new notifications)
+are refused (503)."""
 
 
 class SqliteNotifierState:
@@ -147,13 +151,19 @@ class SqliteOutbox:
                 raise OutboxUnavailable("the SQLite outbox writer is restarting")
             if writer is not None:
                 self._commits_before += writer.commits
+                self._writer = None
                 await writer.close()
             # Deliveries claimed before the writer died are still in flight: their leases
             # stay, and run out if their workers are gone too.
             settings = sqlite_writer.Settings(**{**vars(self.settings), "recover": False})
-            self._writer, depth = await self._spawn(settings)
+            writer, depth = await self._spawn(settings)
+            if not self._running:
+                # Stopped while this writer started: it must not outlive the outbox.
+                await writer.close()
+                raise OutboxUnavailable("the SQLite outbox is stopped")
+            self._writer = writer
             logger.warning("SQLite outbox writer restarted with %d pending deliveries", depth)
-            return self._writer
+            return writer
 
     async def call(self, operation: str, *arguments: Any, durable: bool = True) -> Any:
         """Run one writer operation and wait for the commit that holds it.
@@ -274,19 +284,28 @@ class _WriterProcess:
         except OutboxUnavailable:
             await self.close()
             raise
+        except BaseException:
+            # Cancelled while the database opened: the writer must not outlive its caller.
+            # The answers' task sees it exit, reaps it and fails what waits on it.
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+            raise
 
     def request(self, operation: str, arguments: tuple[Any, ...], durable: bool) -> Any:
         """Send one request (with the others of this turn of the loop); a future of its answer."""
         process = self._process
         if not self.alive or process is None or process.stdin is None:
             raise OutboxUnavailable("the SQLite outbox writer is not running")
-        if process.stdin.transport.get_write_buffer_size() > MAX_UNSENT:
+        # New notifications are refused while the writer lags; the dispatcher's bookkeeping
+        # is small and still goes, so that finished deliveries are not delivered again.
+        if durable and process.stdin.transport.get_write_buffer_size() > MAX_UNSENT:
             raise OutboxUnavailable("the SQLite outbox writer is not keeping up")
         request_id = self._next_id
+        frame = sqlite_writer.encode((request_id, operation, arguments, durable))
         self._next_id += 1
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
-        self._unsent.append(sqlite_writer.encode((request_id, operation, arguments, durable)))
+        self._unsent.append(frame)
         if len(self._waiting) == 1 or len(self._unsent) >= SEND_EVERY:
             # The writer has nothing to do, or enough for a transaction waits: hand it over
             # now rather than at the end of the loop's turn, so that the writer commits while

@@ -21,10 +21,12 @@ Protocol: every message is a frame, a 4-byte little-endian length and a ``marsha
   undelivered deliveries, or the reason it could not open the file (and then exits).
 
 Every request that arrived while the writer was busy runs in one transaction, each operation
-as it would alone (group commit); the replies are written after the commit, so nothing is
-acknowledged before it is on disk. End of input (the parent closed the pipe or died) makes the
-writer finish what it read and exit. It ignores SIGINT and SIGTERM: a terminal's Ctrl-C or a
-signal to the whole process group must not take it away while the parent still drains.
+as it would alone (group commit); the replies are written after the commit. A transaction
+holding a durable request commits with ``synchronous=FULL``, so nothing durable is
+acknowledged before it is on disk; one of bookkeeping only commits with ``NORMAL``. End of
+input (the parent closed the pipe or died) makes the writer finish what it read and exit. It
+ignores SIGINT and SIGTERM: a terminal's Ctrl-C or a signal to the whole process group must
+not take it away while the parent still drains.
 """
 
 from __future__ import annotations
@@ -157,6 +159,7 @@ class Writer:
         self.settings = settings
         self.commits = 0
         self.depth = 0
+        self._depth_before = 0
         self.durable = True
         self.log: list[tuple[int, str]] = []
         self.connection = self._connect(settings.path)
@@ -214,6 +217,7 @@ class Writer:
 
     def _run_together(self, batch: list[Request]) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
+        self._depth_before = self.depth
         self._set_durability(batch)
         self.connection.execute("BEGIN IMMEDIATE")
         for _, name, arguments, _ in batch:
@@ -229,6 +233,7 @@ class Writer:
     def _run_isolated(self, batch: list[Request]) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
         connection = self.connection
+        self._depth_before = self.depth
         try:
             self._set_durability(batch)
             connection.execute("BEGIN IMMEDIATE")
@@ -261,6 +266,8 @@ class Writer:
         self.log.append((ERROR, f"outbox transaction of {len(batch)} operations failed: {error}"))
         if self.connection.in_transaction:
             self.connection.execute("ROLLBACK")
+        # Nothing of the batch stays, so neither does what it did to the bound's counter.
+        self.depth = self._depth_before
         reason = ("unavailable", f"SQLite outbox {self.settings.path}: {error}")
         return [(False, reason)] * len(batch)
 
