@@ -110,6 +110,37 @@ async def test_dead_letters_are_listed_and_requeued(outbox: Outbox) -> None:
     assert claimed[0].accepted_at >= requeued_at - 0.001
 
 
+async def test_list_tells_leased_from_pending(outbox: Outbox) -> None:
+    await outbox.enqueue(_notification("first"), ["a"], "k1")
+    await outbox.enqueue(_notification("second"), ["a"], "k2")
+    claimed = await outbox.claim("a", 1)
+
+    leased = await outbox.list("leased")
+    pending = await outbox.list("pending")
+    every = await outbox.list()
+
+    assert [record.delivery_id for record in leased] == [claimed[0].delivery_id]
+    assert [record.state for record in leased] == ["leased"]
+    assert len(pending) == 1
+    assert pending[0].state == "pending"
+    assert pending[0].delivery_id != claimed[0].delivery_id
+    assert sorted(record.state for record in every) == ["leased", "pending"]
+
+
+async def test_a_delivery_waiting_for_its_retry_counts_in_the_oldest_age(
+    outbox: Outbox,
+) -> None:
+    await outbox.enqueue(_notification("slow"), ["a"], "k")
+    claim = (await outbox.claim("a", 1))[0]
+    await outbox.retry(claim.delivery_id, 60, "destination down")
+    await poll(lambda: time.time() > claim.accepted_at + 0.2, what="time to pass")
+
+    stats = await outbox.stats()
+
+    assert stats.depth == 1
+    assert stats.oldest_age >= 0.2
+
+
 async def test_the_bound_refuses_and_stores_nothing(outbox: Outbox) -> None:
     for index in range(5):
         await outbox.enqueue(_notification(f"n{index}"), ["a"], f"k{index}")

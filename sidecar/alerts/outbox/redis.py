@@ -79,7 +79,9 @@ if added > 0 then redis.call('INCRBY', KEYS[1], added) end
 return results
 """
 
-# KEYS: stream, order, depth, delayed, dead. ARGV: entry id, delivery id, action, score, member.
+# KEYS: stream, order, depth, delayed, dead, waiting. ARGV: entry id, delivery id, action,
+# score, member, accepted at. A delivery put off (retry, or parked behind its group) waits in
+# delayed by due time, and in waiting by acceptance time for the oldest-age metric.
 _FINISH = """
 if redis.call('XACK', KEYS[1], 'dispatchers', ARGV[1]) == 0 then return 0 end
 redis.call('XDEL', KEYS[1], ARGV[1])
@@ -90,11 +92,12 @@ if action == 'done' or action == 'dead' then
   if action == 'dead' then redis.call('HSET', KEYS[5], ARGV[2], ARGV[5]) end
 else
   redis.call('ZADD', KEYS[4], ARGV[4], ARGV[5])
+  redis.call('ZADD', KEYS[6], ARGV[6], ARGV[2])
 end
 return 1
 """
 
-# KEYS: delayed, stream. ARGV: now, limit.
+# KEYS: delayed, stream, waiting. ARGV: now, limit.
 _PROMOTE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 for _, member in ipairs(due) do
@@ -103,6 +106,7 @@ for _, member in ipairs(due) do
     'attempts', tostring(fields.attempts), 'accepted_at', tostring(fields.accepted_at),
     'trace', fields.trace or '', 'body', fields.body)
   redis.call('ZREM', KEYS[1], member)
+  redis.call('ZREM', KEYS[3], fields.id)
 end
 return #due
 """
@@ -232,9 +236,8 @@ class RedisOutbox:
 
     async def claim(self, destination: str, limit: int) -> list[Claim]:
         stream = self.key("stream", destination)
-        await self.call(
-            self._promote(keys=[self.key("delayed", destination), stream], args=[time.time(), 100])
-        )
+        delayed, waiting = self.key("delayed", destination), self.key("waiting", destination)
+        await self.call(self._promote(keys=[delayed, stream, waiting], args=[time.time(), 100]))
         try:
             entries = await self._autoclaim(stream, limit)
             if len(entries) < limit:
@@ -299,8 +302,9 @@ class RedisOutbox:
                 self.key("depth"),
                 self.key("delayed", destination),
                 self.key("dead"),
+                self.key("waiting", destination),
             ],
-            [entry_id, delivery_id, action, score, member],
+            [entry_id, delivery_id, action, score, member, fields["accepted_at"]],
         )
 
     def _run_script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
@@ -457,11 +461,16 @@ class RedisOutbox:
                     break
         if state in (None, "pending", "leased"):
             for destination in self.destinations:
-                entries = await self.call(
-                    self.redis.xrange(self.key("stream", destination), count=limit)
-                )
-                for _, fields in entries:
-                    records.append(_record(fields["id"], {**fields, "destination": destination}))
+                stream = self.key("stream", destination)
+                entries = await self.call(self.redis.xrange(stream, count=limit))
+                leased = await self._leased(stream, max(limit, len(entries)))
+                for entry_id, fields in entries:
+                    entry_state: State = "leased" if entry_id in leased else "pending"
+                    if state in (None, entry_state):
+                        record = {**fields, "destination": destination}
+                        records.append(_record(fields["id"], record, entry_state))
+                if state == "leased":
+                    continue
                 delayed = await self.call(
                     self.redis.zrange(
                         self.key("delayed", destination), 0, limit - 1, withscores=True
@@ -473,15 +482,29 @@ class RedisOutbox:
         records.sort(key=lambda record: record.accepted_at)
         return records[:limit]
 
+    async def _leased(self, stream: str, count: int) -> set[str]:
+        """Ids of the stream's entries read by a dispatcher and not yet acknowledged."""
+        try:
+            pending = await self.call(self.redis.xpending_range(stream, GROUP, "-", "+", count))
+        except OutboxUnavailable as error:
+            if "NOGROUP" not in str(error):
+                raise
+            return set()  # no dispatcher has read this stream since Redis lost its data
+        return {entry["message_id"] for entry in pending}
+
     async def stats(self) -> OutboxStats:
         depth = await self.call(self.redis.get(self.key("depth")))
         dead = await self.call(self.redis.hlen(self.key("dead")))
         oldest: float | None = None
         for destination in self.destinations:
             first = await self.call(self.redis.xrange(self.key("stream", destination), count=1))
-            if first:
-                accepted = float(first[0][1]["accepted_at"])
-                oldest = accepted if oldest is None else min(oldest, accepted)
+            waiting = await self.call(
+                self.redis.zrange(self.key("waiting", destination), 0, 0, withscores=True)
+            )
+            accepted = [float(first[0][1]["accepted_at"])] if first else []
+            accepted += [score for _, score in waiting]
+            if accepted:
+                oldest = min(accepted) if oldest is None else min(oldest, *accepted)
         age = max(0.0, time.time() - oldest) if oldest is not None else 0.0
         return OutboxStats(int(depth or 0), age, int(dead))
 
