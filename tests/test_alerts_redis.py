@@ -2,11 +2,14 @@
 
 Normal operation delivers each notification exactly once and shares deduplication; a replica
 killed mid-delivery has its claimed work taken over after the lease; Redis stopped answers 503,
-and the replicas recover once it is back.
+and the replicas recover once it is back; a Redis that stops answering is refused promptly.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,10 @@ import httpx
 import pytest
 import redis
 
+from sidecar.alerts.config import AlertsConfig
+from sidecar.alerts.outbox.base import OutboxUnavailable
+from sidecar.alerts.payload import Notification
+from sidecar.alerts.pipeline import build_outbox
 from tests.alerts_processes import JournalingSidecar, Sender, delivery_counts, journal_lines
 from tests.alerts_support import alerts_config, payload
 from tests.harness import RedisServer, wait_until
@@ -121,3 +128,39 @@ def test_redis_stopped_answers_503_then_recovers(
     assert refused.headers["retry-after"] == "5"
     assert "Redis outbox" in refused.json()["error"]
     assert accepted
+
+
+async def test_a_redis_that_stops_answering_is_refused_promptly(
+    redis_server: RedisServer,
+) -> None:
+    config = AlertsConfig.model_validate(
+        {"outbox": {"backend": "redis", "redis": {"url": redis_server.url, "timeout": "300ms"}}}
+    )
+    outbox, client = build_outbox(config)
+    assert client is not None
+    await outbox.start()
+    notification = Notification.model_validate(payload("paused"))
+    assert redis_server.process is not None
+
+    os.kill(redis_server.process.pid, signal.SIGSTOP)
+    waited: list[float] = []
+    try:
+        for operation in (
+            lambda: outbox.enqueue(notification, ["log"], "paused-1"),
+            lambda: outbox.claim("log", 10),
+            outbox.stats,
+        ):
+            began = time.monotonic()
+            with pytest.raises(OutboxUnavailable, match="Timeout"):
+                await operation()
+            waited.append(time.monotonic() - began)
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+    stored = await outbox.enqueue(notification, ["log"], "paused-2")
+    await outbox.stop()
+
+    # The client built from the URL does not retry a timed-out command: Alertmanager gets its
+    # 503 (and retries) long before its own timeout, and neither the dispatcher nor a stopping
+    # sidecar waits through retries with backoff.
+    assert max(waited) < 1.5, waited
+    assert stored is True
