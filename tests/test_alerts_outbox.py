@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sidecar.alerts.outbox.base import Outbox, OutboxFull, OutboxUnavailable, dedup_key
 from sidecar.alerts.outbox.redis import RedisOutbox
@@ -405,3 +406,29 @@ async def test_redis_outbox_fails_waiting_callers_when_its_own_code_fails(
     assert [type(result) for result in results] == [OutboxUnavailable, OutboxUnavailable]
     assert "ValueError: an answer of the wrong length" in str(results[0])
     assert stored is True  # nothing was written by the failed call
+
+
+async def test_a_redis_claim_that_fails_part_way_keeps_nothing_claimed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_outbox("redis", tmp_path, ["a"], "partway") as outbox:
+        assert isinstance(outbox, RedisOutbox)
+        for index in range(3):
+            await outbox.enqueue(_notification(f"p{index}"), ["a"], f"partway-{index}")
+        lindex = outbox.redis.lindex
+        calls = 0
+
+        async def failing_second(name: str, index: int) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                raise RedisConnectionError("connection lost")
+            return await lindex(name, index)
+
+        monkeypatch.setattr(outbox.redis, "lindex", failing_second)
+        with pytest.raises(OutboxUnavailable, match="connection lost"):
+            await outbox.claim("a", 10)
+        kept = dict(outbox._claimed)
+
+    assert calls == 2
+    assert kept == {}

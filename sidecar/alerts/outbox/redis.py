@@ -250,25 +250,31 @@ class RedisOutbox:
             return []
 
         claims = []
-        for entry_id, fields in entries:
-            order = self.key("order", destination, fields["group"])
-            head = await self.call(self.redis.lindex(order, 0))
-            self._claimed[fields["id"]] = (destination, entry_id, fields)
-            if head is not None and head != fields["id"]:
-                # An earlier delivery of this group is still open: wait behind it.
-                await self._settle(fields["id"], "park", time.time() + self.park_delay, fields)
-                continue
-            claims.append(
-                Claim(
-                    fields["id"],
-                    destination,
-                    fields["body"],
-                    int(fields["attempts"]),
-                    float(fields["accepted_at"]),
-                    # Entries written before traces were stored have no such field.
-                    fields.get("trace", ""),
+        try:
+            for entry_id, fields in entries:
+                order = self.key("order", destination, fields["group"])
+                head = await self.call(self.redis.lindex(order, 0))
+                self._claimed[fields["id"]] = (destination, entry_id, fields)
+                if head is not None and head != fields["id"]:
+                    # An earlier delivery of this group is still open: wait behind it.
+                    await self._settle(fields["id"], "park", time.time() + self.park_delay, fields)
+                    continue
+                claims.append(
+                    Claim(
+                        fields["id"],
+                        destination,
+                        fields["body"],
+                        int(fields["attempts"]),
+                        float(fields["accepted_at"]),
+                        # Entries written before traces were stored have no such field.
+                        fields.get("trace", ""),
+                    )
                 )
-            )
+        except BaseException:
+            # None of these reaches a worker: forget them, and their leases run out in Redis.
+            for _, fields in entries:
+                self._claimed.pop(fields["id"], None)
+            raise
         return claims
 
     async def _autoclaim(self, stream: str, limit: int) -> list[tuple[str, dict[str, Any]]]:
