@@ -243,7 +243,7 @@ class RedisOutbox:
             if len(entries) < limit:
                 entries += await self._read_new(stream, limit - len(entries))
         except OutboxUnavailable as error:
-            if "NOGROUP" not in str(error):
+            if not _group_missing(error):
                 raise
             # Redis lost its data (restart without persistence): create the group again.
             await self.start()
@@ -493,7 +493,7 @@ class RedisOutbox:
         try:
             pending = await self.call(self.redis.xpending_range(stream, GROUP, "-", "+", count))
         except OutboxUnavailable as error:
-            if "NOGROUP" not in str(error):
+            if not _group_missing(error):
                 raise
             return set()  # no dispatcher has read this stream since Redis lost its data
         return {entry["message_id"] for entry in pending}
@@ -501,17 +501,16 @@ class RedisOutbox:
     async def stats(self) -> OutboxStats:
         depth = await self.call(self.redis.get(self.key("depth")))
         dead = await self.call(self.redis.hlen(self.key("dead")))
-        oldest: float | None = None
+        # The oldest of each destination's stream and of its deliveries put off for later.
+        accepted: list[float] = []
         for destination in self.destinations:
             first = await self.call(self.redis.xrange(self.key("stream", destination), count=1))
             waiting = await self.call(
                 self.redis.zrange(self.key("waiting", destination), 0, 0, withscores=True)
             )
-            accepted = [float(first[0][1]["accepted_at"])] if first else []
+            accepted += [float(fields["accepted_at"]) for _, fields in first]
             accepted += [score for _, score in waiting]
-            if accepted:
-                oldest = min(accepted) if oldest is None else min(oldest, *accepted)
-        age = max(0.0, time.time() - oldest) if oldest is not None else 0.0
+        age = max(0.0, time.time() - min(accepted)) if accepted else 0.0
         return OutboxStats(int(depth or 0), age, int(dead))
 
     async def prune(self) -> int:
@@ -521,6 +520,11 @@ class RedisOutbox:
 
     async def check_storage(self) -> None:
         await self.call(self.redis.ping())
+
+
+def _group_missing(error: OutboxUnavailable) -> bool:
+    """Whether Redis refused for want of the consumer group (it lost its data)."""
+    return "NOGROUP" in str(error)
 
 
 def _record(
