@@ -331,3 +331,30 @@ def _gone(process: psutil.Process) -> bool:
         return process.status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def test_the_write_ahead_log_stays_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    settings = sqlite_writer.Settings(
+        path=str(path), max_depth=100_000, dedup_window=60, lease=60, retention=60
+    )
+    writer = sqlite_writer.Writer(settings)
+    writer.open()
+    body = _notification("c").to_json()
+    largest = 0
+
+    for batch in range(300):
+        requests = [
+            (i, "enqueue", (f"k{batch}-{i}", "g", "group", body, ["a"], ""), True)
+            for i in range(10)
+        ]
+        assert all(ok for _, ok, _ in writer.run_batch(requests))
+        largest = max(largest, os.stat(f"{path}-wal").st_size)
+    # Pages reach the database file only through checkpoints.
+    checkpointed = os.stat(path).st_size
+    writer.close()
+
+    # Commits checkpoint the log once it passes about 4 MB (SQLite's default of 1,000 pages),
+    # so it never grows far beyond that while more than that goes through it.
+    assert checkpointed > 500_000, checkpointed
+    assert largest < 6_000_000, largest
